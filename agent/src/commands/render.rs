@@ -1,0 +1,89 @@
+//! `nk3-agent render`: one node's configuration.nix to stdout, or every node's into a folder.
+#![allow(clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use nk3_common::inventory::{Inventory, Node};
+use nk3_common::render::{HostFacts, Options, Source, Template};
+
+use crate::cli::{RenderArgs, TOKEN_FILE_NAME};
+
+/// Renders as asked. Nothing is written unless every requested node renders.
+pub fn run(args: &RenderArgs) -> anyhow::Result<ExitCode> {
+    let Some(inv) = super::load_inventory(&args.inventory)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let opts = Options {
+        source: Source {
+            repository: args
+                .repository
+                .clone()
+                .unwrap_or_else(|| args.inventory.display().to_string()),
+            commit: args.commit.clone(),
+        },
+        token_file: args.state_dir.join(TOKEN_FILE_NAME).display().to_string(),
+        facts: HostFacts {
+            interface: args.interface.clone(),
+            default_gateway: args.default_gateway,
+        },
+    };
+    let repo_root = args.inventory.parent().unwrap_or(Path::new("."));
+    let nodes: Vec<&Node> = match &args.node {
+        Some(id) => match inv.node(id) {
+            Some(n) => vec![n],
+            None => anyhow::bail!(
+                "no node `{id}` in {}; nodes are: {}",
+                args.inventory.display(),
+                inv.nodes
+                    .iter()
+                    .map(|n| n.key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+        None => inv.nodes.iter().collect(),
+    };
+    let mut rendered = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        rendered.push((n, render_one(&inv, n, &opts, repo_root)?));
+    }
+    match &args.out {
+        Some(dir) if args.all => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            for (n, text) in &rendered {
+                let path: PathBuf = dir.join(format!("{}.nix", n.hostname));
+                std::fs::write(&path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("{}  {}", n.key, path.display());
+            }
+        }
+        _ => {
+            for (_, text) in &rendered {
+                print!("{text}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render_one(
+    inv: &Inventory,
+    n: &Node,
+    opts: &Options,
+    repo_root: &Path,
+) -> anyhow::Result<String> {
+    let template = match &n.template {
+        None => Template::builtin(),
+        Some(rel) => {
+            let path = repo_root.join(rel);
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("node {}: cannot read template {}", n.key, path.display())
+            })?;
+            Template::custom(rel, &text)?
+        }
+    };
+    Ok(template.render(inv, n, opts)?)
+}

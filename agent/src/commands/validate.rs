@@ -1,0 +1,34 @@
+//! `nk3-agent validate FILE`: check an inventory and show the nodes it declares.
+#![allow(clippy::print_stdout)]
+
+use std::process::ExitCode;
+
+use nk3_common::inventory::Layout;
+
+use crate::cli::ValidateArgs;
+
+/// Exit 0 and a summary when the inventory is valid; exit 1 with every problem otherwise.
+pub fn run(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
+    let Some(inv) = super::load_inventory(&args.file)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let layout = match inv.layout {
+        Layout::Seed => "`cluster:` layout",
+        Layout::Flat => "flat layout",
+    };
+    println!(
+        "{}: valid ({layout}), {} node{}",
+        args.file.display(),
+        inv.nodes.len(),
+        if inv.nodes.len() == 1 { "" } else { "s" }
+    );
+    let width = inv.nodes.iter().map(|n| n.key.len()).max().unwrap_or(0);
+    for n in &inv.nodes {
+        let mut notes = vec![n.role.as_str()];
+        if n.initiator {
+            notes.push("initiator");
+        }
+        println!("  {:width$}  {}  {}", n.key, n.hostname, notes.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}

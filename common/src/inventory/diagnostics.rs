@@ -1,0 +1,72 @@
+//! Problems found in an inventory, each with its file, line and key.
+
+use std::fmt;
+
+/// One problem.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Diagnostic {
+    /// 1-based line, where it could be found.
+    pub line: Option<usize>,
+    /// The key it is about, as a dotted path (`cluster.nodes.10.0.0.5.interface`); empty for
+    /// the file as a whole.
+    pub key: String,
+    /// What is wrong and what would be right.
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, thiserror::Error)]
+pub struct Diagnostics {
+    /// The file's name as the user gave it.
+    pub file: String,
+    /// The problems, ordered by line.
+    pub items: Vec<Diagnostic>,
+}
+
+impl Diagnostics {
+    /// An empty list for `file`.
+    pub fn new(file: &str) -> Self {
+        Diagnostics {
+            file: file.to_string(),
+            items: Vec::new(),
+        }
+    }
+
+    /// Adds one problem.
+    pub fn push(&mut self, d: Diagnostic) {
+        self.items.push(d);
+    }
+
+    /// Whether nothing is wrong.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The problems as `file:line: key: message` lines, sorted by line.
+    pub fn lines(&self) -> Vec<String> {
+        let mut items: Vec<&Diagnostic> = self.items.iter().collect();
+        items.sort_by_key(|d| d.line.unwrap_or(0));
+        items
+            .into_iter()
+            .map(|d| {
+                let mut s = self.file.clone();
+                if let Some(l) = d.line {
+                    s.push_str(&format!(":{l}"));
+                }
+                s.push_str(": ");
+                if !d.key.is_empty() {
+                    s.push_str(&d.key);
+                    s.push_str(": ");
+                }
+                s.push_str(&d.message);
+                s
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.lines().join("\n"))
+    }
+}

@@ -1,0 +1,740 @@
+//! From the YAML tree to the model: keys, types and the format of each value.
+//!
+//! Every problem is recorded and reading goes on, so one run reports all of them. Checks that
+//! relate several values (initiators, subnets, quorum) are in `validate`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::{
+    BootLoader, Diagnostic, Diagnostics, HealthCheck, Inventory, Layout, Node, RebootPolicy, Role,
+    Rollout, Secret, Vars, DEFAULT_NAMESERVERS,
+};
+use crate::check;
+use crate::yaml::{locate, Path, Yaml};
+
+/// Keys beside `join_address` (under `cluster:` or at the top level).
+pub(super) const CLUSTER_KEYS: &[&str] = &[
+    "join_address",
+    "join_token",
+    "join_token_file",
+    "default_gateway",
+    "nodes",
+    "nix_channel",
+    "watch_namespaces",
+    "prefix_length",
+    "nameservers",
+    "ssh_authorized_keys",
+    "state_version",
+    "k3s_extra_flags",
+    "boot_loader",
+    "template",
+    "vars",
+    "rollout",
+];
+
+const NODE_KEYS: &[&str] = &[
+    "initiator",
+    "interface",
+    "boot_device",
+    "boot_loader",
+    "role",
+    "hostname",
+    "uuid",
+    "default_gateway",
+    "prefix_length",
+    "k3s_extra_flags",
+    "template",
+    "vars",
+];
+
+const ROLLOUT_KEYS: &[&str] = &[
+    "reboot",
+    "max_unavailable",
+    "lease_duration",
+    "drain_timeout",
+    "health_timeout",
+    "health_checks",
+];
+
+const CHECK_KEYS: &[&str] = &["name", "command", "http"];
+
+/// The shortest lease nk3 accepts; a lease must outlive a renewal interval with room to spare.
+const MIN_LEASE: Duration = Duration::from_secs(5);
+
+type Entries<'y> = BTreeMap<&'y str, &'y Yaml>;
+
+struct Reader<'a> {
+    text: &'a str,
+    diags: &'a mut Diagnostics,
+}
+
+pub(super) fn read(text: &str, tree: &Yaml, diags: &mut Diagnostics) -> Option<Inventory> {
+    Reader { text, diags }.inventory(tree)
+}
+
+impl Reader<'_> {
+    fn err(&mut self, at: &Path, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            line: locate(self.text, &at.0),
+            key: at.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn inventory(&mut self, tree: &Yaml) -> Option<Inventory> {
+        let root = Path::default();
+        let top = match tree {
+            Yaml::Map(m) => m,
+            Yaml::Null => {
+                self.err(&root, "the file is empty; an inventory needs at least `join_address`, `join_token` and `nodes`");
+                return None;
+            }
+            other => {
+                self.err(
+                    &root,
+                    format!("an inventory is a mapping of keys, found {}", other.kind()),
+                );
+                return None;
+            }
+        };
+        let (layout, base, entries) = match top.iter().find(|(k, _)| k == "cluster") {
+            Some((_, cluster)) => {
+                for (k, _) in top.iter().filter(|(k, _)| k != "cluster") {
+                    let hint = if CLUSTER_KEYS.contains(&k.as_str()) {
+                        format!("`{k}` belongs under `cluster:` in this layout (or drop `cluster:` and put every key at the top level)")
+                    } else {
+                        format!(
+                            "unknown key `{k}`; the only top-level key of this layout is `cluster`"
+                        )
+                    };
+                    self.err(&root.key(k), hint);
+                }
+                let base = root.key("cluster");
+                (Layout::Seed, base.clone(), self.mapping(cluster, &base)?)
+            }
+            None => (Layout::Flat, root, top.as_slice()),
+        };
+        let (f, _) = self.fields(entries, &base, CLUSTER_KEYS, false);
+        self.cluster(layout, &base, &f)
+    }
+
+    fn cluster(&mut self, layout: Layout, base: &Path, f: &Entries<'_>) -> Option<Inventory> {
+        let join_address = match f.get("join_address") {
+            Some(v) => self.ip(v, &base.key("join_address")),
+            None => {
+                self.err(base, "missing `join_address`: the address joining servers reach the cluster at, usually the initiator's");
+                None
+            }
+        };
+        let join_token = f
+            .get("join_token")
+            .and_then(|v| self.join_token(v, &base.key("join_token")));
+        let join_token_file = f
+            .get("join_token_file")
+            .and_then(|v| self.abs_path(v, &base.key("join_token_file")));
+        if !f.contains_key("join_token") && !f.contains_key("join_token_file") {
+            self.err(base, "missing `join_token` (or `join_token_file`, a path on the node holding it): nodes need the cluster's token to join");
+        }
+        let default_gateway = f
+            .get("default_gateway")
+            .and_then(|v| self.ip(v, &base.key("default_gateway")));
+        let prefix_length = f
+            .get("prefix_length")
+            .and_then(|v| self.uint(v, &base.key("prefix_length"), 1, 128))
+            .map(|n| n as u8);
+        let nameservers = match f.get("nameservers") {
+            Some(v) => self.list(v, &base.key("nameservers"), |r, v, at| r.ip(v, at)),
+            None => DEFAULT_NAMESERVERS
+                .iter()
+                .map(|s| s.parse().expect("valid"))
+                .collect(),
+        };
+        let ssh_authorized_keys = f.get("ssh_authorized_keys").map_or_else(Vec::new, |v| {
+            self.list(v, &base.key("ssh_authorized_keys"), |r, v, at| {
+                r.checked(v, at, check::ssh_public_key)
+            })
+        });
+        let state_version = f
+            .get("state_version")
+            .and_then(|v| self.checked(v, &base.key("state_version"), check::state_version));
+        let nix_channel = f
+            .get("nix_channel")
+            .and_then(|v| self.checked(v, &base.key("nix_channel"), check::channel));
+        let watch_namespaces = f.get("watch_namespaces").map_or_else(Vec::new, |v| {
+            self.list(v, &base.key("watch_namespaces"), |r, v, at| {
+                r.checked(v, at, check::namespace)
+            })
+        });
+        let k3s_extra_flags = f
+            .get("k3s_extra_flags")
+            .map_or_else(Vec::new, |v| self.flags(v, &base.key("k3s_extra_flags")));
+        let boot_loader = f
+            .get("boot_loader")
+            .and_then(|v| self.boot_loader(v, &base.key("boot_loader")));
+        let template = f
+            .get("template")
+            .and_then(|v| self.checked(v, &base.key("template"), check::template_path));
+        let vars = f
+            .get("vars")
+            .map_or_else(Vars::new, |v| self.vars(v, &base.key("vars")));
+        let rollout = f
+            .get("rollout")
+            .and_then(|v| self.rollout(v, &base.key("rollout")))
+            .unwrap_or_default();
+        let defaults = NodeDefaults {
+            default_gateway,
+            prefix_length,
+            boot_loader: boot_loader.unwrap_or(BootLoader::Grub),
+            k3s_extra_flags: &k3s_extra_flags,
+            template: template.as_deref(),
+            vars: &vars,
+            layout,
+        };
+        let nodes = match f.get("nodes") {
+            Some(v) => self.nodes(v, &base.key("nodes"), &defaults),
+            None => {
+                self.err(
+                    base,
+                    "missing `nodes`: a mapping from each node's IP address to its settings",
+                );
+                Vec::new()
+            }
+        };
+        Some(Inventory {
+            layout,
+            join_address: join_address?,
+            join_token,
+            join_token_file,
+            default_gateway,
+            nameservers,
+            ssh_authorized_keys,
+            state_version,
+            nix_channel,
+            watch_namespaces,
+            rollout,
+            nodes,
+        })
+    }
+
+    /// The nodes that could be read; problems with the others are recorded.
+    fn nodes(&mut self, v: &Yaml, at: &Path, d: &NodeDefaults<'_>) -> Vec<Node> {
+        let Some(entries) = self.mapping(v, at) else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .filter_map(|(key, body)| self.node(key, body, &at.key(key), d))
+            .collect()
+    }
+
+    fn node(&mut self, key: &str, body: &Yaml, at: &Path, d: &NodeDefaults<'_>) -> Option<Node> {
+        let ip: Option<IpAddr> = match key.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.err(at, format!("node key `{key}` is not an IP address; nodes are keyed by their IPv4 or IPv6 address"));
+                None
+            }
+        };
+        let empty = Vec::new();
+        let entries = match body {
+            Yaml::Null => empty.as_slice(),
+            other => self.mapping(other, at)?,
+        };
+        let (f, extra) = self.fields(entries, at, NODE_KEYS, d.layout == Layout::Flat);
+        let initiator = f
+            .get("initiator")
+            .and_then(|v| self.bool(v, &at.key("initiator")))
+            .unwrap_or(false);
+        let role = f
+            .get("role")
+            .and_then(|v| self.role(v, &at.key("role")))
+            .unwrap_or(Role::Server);
+        let interface = f
+            .get("interface")
+            .and_then(|v| self.checked(v, &at.key("interface"), check::interface));
+        let boot_device = f
+            .get("boot_device")
+            .and_then(|v| self.checked(v, &at.key("boot_device"), check::boot_device));
+        let boot_loader = f
+            .get("boot_loader")
+            .and_then(|v| self.boot_loader(v, &at.key("boot_loader")))
+            .unwrap_or(d.boot_loader);
+        let hostname = f
+            .get("hostname")
+            .and_then(|v| self.checked(v, &at.key("hostname"), check::hostname));
+        let uuid = f
+            .get("uuid")
+            .and_then(|v| self.checked(v, &at.key("uuid"), check::smbios_uuid))
+            .and_then(|s| s.parse().ok());
+        let default_gateway = match f.get("default_gateway") {
+            Some(v) => self.ip(v, &at.key("default_gateway")),
+            None => d.default_gateway,
+        };
+        let prefix_length = f
+            .get("prefix_length")
+            .and_then(|v| self.uint(v, &at.key("prefix_length"), 1, 128))
+            .map(|n| n as u8)
+            .or(d.prefix_length)
+            .unwrap_or(match ip {
+                Some(IpAddr::V6(_)) => 64,
+                _ => 24,
+            });
+        let mut k3s_extra_flags = d.k3s_extra_flags.to_vec();
+        if let Some(v) = f.get("k3s_extra_flags") {
+            k3s_extra_flags.extend(self.flags(v, &at.key("k3s_extra_flags")));
+        }
+        let template = match f.get("template") {
+            Some(v) => self.checked(v, &at.key("template"), check::template_path),
+            None => d.template.map(str::to_string),
+        };
+        let mut vars = d.vars.clone();
+        if let Some(v) = f.get("vars") {
+            vars.extend(self.vars(v, &at.key("vars")));
+        }
+        for (k, v) in extra {
+            // The flat layout's free host variables.
+            if let Some(j) = self.json(v, &at.key(k)) {
+                vars.insert(k.to_string(), j);
+            }
+        }
+        let hostname_set = hostname.is_some();
+        let hostname = hostname.unwrap_or_else(|| crate::naming::hostname_for(key));
+        Some(Node {
+            key: key.to_string(),
+            ip: ip?,
+            hostname,
+            hostname_set,
+            initiator,
+            role,
+            interface,
+            boot_device,
+            boot_loader,
+            default_gateway,
+            prefix_length,
+            uuid,
+            k3s_extra_flags,
+            template,
+            vars,
+            line: locate(self.text, &at.0),
+        })
+    }
+
+    fn rollout(&mut self, v: &Yaml, at: &Path) -> Option<Rollout> {
+        let entries = self.mapping(v, at)?;
+        let (f, _) = self.fields(entries, at, ROLLOUT_KEYS, false);
+        let mut r = Rollout::default();
+        if let Some(v) = f.get("reboot") {
+            r.reboot = self.choice(
+                v,
+                &at.key("reboot"),
+                &[
+                    ("always", RebootPolicy::Always),
+                    ("when-needed", RebootPolicy::WhenNeeded),
+                ],
+            )?;
+        }
+        if let Some(v) = f.get("max_unavailable") {
+            r.max_unavailable = self.uint(v, &at.key("max_unavailable"), 1, 1000)? as u32;
+        }
+        for (key, slot) in [
+            ("lease_duration", &mut r.lease_duration),
+            ("drain_timeout", &mut r.drain_timeout),
+            ("health_timeout", &mut r.health_timeout),
+        ] {
+            if let Some(v) = f.get(key) {
+                *slot = self.duration(v, &at.key(key))?;
+            }
+        }
+        if r.lease_duration < MIN_LEASE {
+            self.err(&at.key("lease_duration"), format!("a lease of {} is too short; it must cover a node's reboot (the default is 15m)", humantime::format_duration(r.lease_duration)));
+        }
+        if let Some(v) = f.get("health_checks") {
+            r.health_checks = self.list(v, &at.key("health_checks"), |r, v, at| {
+                r.health_check(v, at)
+            });
+        }
+        Some(r)
+    }
+
+    fn health_check(&mut self, v: &Yaml, at: &Path) -> Option<HealthCheck> {
+        let entries = self.mapping(v, at)?;
+        let (f, _) = self.fields(entries, at, CHECK_KEYS, false);
+        let name = match f.get("name") {
+            Some(v) => self.checked(v, &at.key("name"), check::nonempty)?,
+            None => {
+                self.err(at, "a health check needs a `name`");
+                return None;
+            }
+        };
+        match (f.get("command"), f.get("http")) {
+            (Some(c), None) => {
+                let argv = match c {
+                    Yaml::Seq(_) => self.list(c, &at.key("command"), |r, v, at| {
+                        r.checked(v, at, check::nonempty)
+                    }),
+                    _ => {
+                        self.err(&at.key("command"), "write the command as a list of arguments (`command: [curl, -f, http://localhost]`); no shell is involved");
+                        return None;
+                    }
+                };
+                if argv.is_empty() {
+                    self.err(&at.key("command"), "the command is empty");
+                    return None;
+                }
+                Some(HealthCheck::Command { name, argv })
+            }
+            (None, Some(u)) => {
+                let url = self.checked(u, &at.key("http"), check::http_url)?;
+                Some(HealthCheck::Http { name, url })
+            }
+            _ => {
+                self.err(at, "a health check has exactly one of `command` (a list of arguments) or `http` (a URL)");
+                None
+            }
+        }
+    }
+
+    // ---- shapes ----
+
+    fn mapping<'y>(&mut self, v: &'y Yaml, at: &Path) -> Option<&'y [(String, Yaml)]> {
+        match v {
+            Yaml::Map(m) => Some(m),
+            other => {
+                self.err(
+                    at,
+                    format!("expected a mapping of keys, found {}", other.kind()),
+                );
+                None
+            }
+        }
+    }
+
+    /// Splits a mapping into its known keys and, where `extra_ok`, the others. Unknown keys
+    /// are errors, with the nearest known key suggested.
+    fn fields<'y>(
+        &mut self,
+        entries: &'y [(String, Yaml)],
+        at: &Path,
+        known: &[&str],
+        extra_ok: bool,
+    ) -> (Entries<'y>, Vec<(&'y str, &'y Yaml)>) {
+        let mut f = Entries::new();
+        let mut extra = Vec::new();
+        for (k, v) in entries {
+            if known.contains(&k.as_str()) {
+                f.insert(k.as_str(), v);
+                continue;
+            }
+            let near = nearest(k, known);
+            match (extra_ok, near) {
+                (true, Some(n)) => self.err(&at.key(k), format!("`{k}` looks like a misspelling of `{n}`; if it is meant as a host variable for a custom template, put it under `vars:`")),
+                (true, None) => match check::var_name(k) {
+                    Ok(()) => extra.push((k.as_str(), v)),
+                    Err(m) => self.err(&at.key(k), m),
+                },
+                (false, Some(n)) => self.err(&at.key(k), format!("unknown key `{k}`; did you mean `{n}`?")),
+                (false, None) => self.err(&at.key(k), format!("unknown key `{k}`; known keys here: {}", known.join(", "))),
+            }
+        }
+        (f, extra)
+    }
+
+    fn list<T>(
+        &mut self,
+        v: &Yaml,
+        at: &Path,
+        mut each: impl FnMut(&mut Self, &Yaml, &Path) -> Option<T>,
+    ) -> Vec<T> {
+        match v {
+            Yaml::Seq(items) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, x)| each(self, x, &at.index(i)))
+                .collect(),
+            Yaml::Null => Vec::new(),
+            other => {
+                self.err(at, format!("expected a list, found {}", other.kind()));
+                Vec::new()
+            }
+        }
+    }
+
+    // ---- scalars ----
+
+    /// A string value. Integers are taken as their digits (the original tool read YAML the
+    /// same way); other numbers and booleans must be quoted, since their text is not kept.
+    fn string(&mut self, v: &Yaml, at: &Path) -> Option<String> {
+        let s = match v {
+            Yaml::Str(s) => s.clone(),
+            Yaml::Int(i) => i.to_string(),
+            Yaml::Float(f) => {
+                self.err(at, format!("expected text, found the number {f}; quote it (\"{f}\") so it is read as written"));
+                return None;
+            }
+            other => {
+                self.err(at, format!("expected text, found {}", other.kind()));
+                return None;
+            }
+        };
+        match check::text(&s) {
+            Ok(()) => Some(s),
+            Err(m) => {
+                self.err(at, m);
+                None
+            }
+        }
+    }
+
+    /// A string that must also pass `rule`.
+    fn checked(
+        &mut self,
+        v: &Yaml,
+        at: &Path,
+        rule: fn(&str) -> Result<(), String>,
+    ) -> Option<String> {
+        let s = self.string(v, at)?;
+        match rule(&s) {
+            Ok(()) => Some(s),
+            Err(m) => {
+                self.err(at, m);
+                None
+            }
+        }
+    }
+
+    fn join_token(&mut self, v: &Yaml, at: &Path) -> Option<Secret> {
+        // The token itself is never quoted back in a message.
+        let s = match v {
+            Yaml::Str(s) => s.clone(),
+            Yaml::Int(i) => i.to_string(),
+            other => {
+                self.err(
+                    at,
+                    format!("expected the token as text, found {}", other.kind()),
+                );
+                return None;
+            }
+        };
+        if s.is_empty() {
+            self.err(at, "the join token is empty");
+            return None;
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.err(
+                at,
+                "the join token contains white space or control characters; k3s tokens never do",
+            );
+            return None;
+        }
+        Some(Secret::new(s))
+    }
+
+    fn abs_path(&mut self, v: &Yaml, at: &Path) -> Option<String> {
+        self.checked(v, at, check::absolute_path)
+    }
+
+    fn ip(&mut self, v: &Yaml, at: &Path) -> Option<IpAddr> {
+        let s = self.string(v, at)?;
+        match s.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.err(at, format!("`{s}` is not an IPv4 or IPv6 address"));
+                None
+            }
+        }
+    }
+
+    /// A boolean. YAML 1.1 spellings (`yes`, `on`, …) are accepted as the original tool's
+    /// YAML reader did.
+    fn bool(&mut self, v: &Yaml, at: &Path) -> Option<bool> {
+        match v {
+            Yaml::Bool(b) => Some(*b),
+            Yaml::Str(s) => match s.as_str() {
+                "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "y" | "Y" => Some(true),
+                "no" | "No" | "NO" | "off" | "Off" | "OFF" | "n" | "N" => Some(false),
+                _ => {
+                    self.err(at, format!("expected true or false, found `{s}`"));
+                    None
+                }
+            },
+            other => {
+                self.err(
+                    at,
+                    format!("expected true or false, found {}", other.kind()),
+                );
+                None
+            }
+        }
+    }
+
+    fn uint(&mut self, v: &Yaml, at: &Path, min: i64, max: i64) -> Option<i64> {
+        match v {
+            Yaml::Int(i) if (min..=max).contains(i) => Some(*i),
+            Yaml::Int(i) => {
+                self.err(
+                    at,
+                    format!("{i} is out of range; expected a whole number from {min} to {max}"),
+                );
+                None
+            }
+            other => {
+                self.err(
+                    at,
+                    format!(
+                        "expected a whole number from {min} to {max}, found {}",
+                        other.kind()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, v: &Yaml, at: &Path) -> Option<Duration> {
+        let d = match v {
+            Yaml::Int(i) if *i > 0 => Duration::from_secs(*i as u64),
+            Yaml::Str(s) => match humantime::parse_duration(s) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.err(
+                        at,
+                        format!("`{s}` is not a duration ({e}); write e.g. `90s`, `10m` or `1h`"),
+                    );
+                    return None;
+                }
+            },
+            other => {
+                self.err(
+                    at,
+                    format!("expected a duration such as `10m`, found {}", other.kind()),
+                );
+                return None;
+            }
+        };
+        if d.is_zero() {
+            self.err(at, "the duration must be longer than zero");
+            return None;
+        }
+        Some(d)
+    }
+
+    fn choice<T: Copy>(&mut self, v: &Yaml, at: &Path, options: &[(&str, T)]) -> Option<T> {
+        let s = self.string(v, at)?;
+        if let Some((_, t)) = options.iter().find(|(name, _)| *name == s) {
+            return Some(*t);
+        }
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        let hint = nearest(&s, &names).map_or(String::new(), |n| format!(" (did you mean `{n}`?)"));
+        self.err(
+            at,
+            format!("`{s}` is not one of {}{hint}", names.join(", ")),
+        );
+        None
+    }
+
+    fn role(&mut self, v: &Yaml, at: &Path) -> Option<Role> {
+        self.choice(v, at, &[("server", Role::Server), ("agent", Role::Agent)])
+    }
+
+    fn boot_loader(&mut self, v: &Yaml, at: &Path) -> Option<BootLoader> {
+        self.choice(
+            v,
+            at,
+            &[
+                ("grub", BootLoader::Grub),
+                ("systemd-boot", BootLoader::SystemdBoot),
+            ],
+        )
+    }
+
+    /// k3s flags: one string or a list of them, each starting with `-`.
+    fn flags(&mut self, v: &Yaml, at: &Path) -> Vec<String> {
+        match v {
+            Yaml::Str(_) => self.checked(v, at, check::k3s_flag).into_iter().collect(),
+            _ => self.list(v, at, |r, v, at| r.checked(v, at, check::k3s_flag)),
+        }
+    }
+
+    fn vars(&mut self, v: &Yaml, at: &Path) -> Vars {
+        let Some(entries) = self.mapping(v, at) else {
+            return Vars::new();
+        };
+        let mut out = Vars::new();
+        for (k, v) in entries {
+            if let Err(m) = check::var_name(k) {
+                self.err(&at.key(k), m);
+                continue;
+            }
+            if let Some(j) = self.json(v, &at.key(k)) {
+                out.insert(k.clone(), j);
+            }
+        }
+        out
+    }
+
+    /// A free value for templates, with every string checked like any other.
+    fn json(&mut self, v: &Yaml, at: &Path) -> Option<serde_json::Value> {
+        use serde_json::Value as J;
+        Some(match v {
+            Yaml::Null => J::Null,
+            Yaml::Bool(b) => J::Bool(*b),
+            Yaml::Int(i) => J::from(*i),
+            Yaml::Float(f) => f.parse::<f64>().ok().map_or(J::Null, J::from),
+            Yaml::Str(_) => J::String(self.string(v, at)?),
+            Yaml::Seq(items) => J::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| self.json(x, &at.index(i)))
+                    .collect::<Option<_>>()?,
+            ),
+            Yaml::Map(entries) => {
+                let mut m = serde_json::Map::new();
+                for (k, x) in entries {
+                    if let Err(e) = check::text(k) {
+                        self.err(&at.key(k), e);
+                        return None;
+                    }
+                    m.insert(k.clone(), self.json(x, &at.key(k))?);
+                }
+                J::Object(m)
+            }
+        })
+    }
+}
+
+/// Cluster-wide values every node starts from.
+struct NodeDefaults<'a> {
+    default_gateway: Option<IpAddr>,
+    prefix_length: Option<u8>,
+    boot_loader: BootLoader,
+    k3s_extra_flags: &'a [String],
+    template: Option<&'a str>,
+    vars: &'a Vars,
+    layout: Layout,
+}
+
+/// The known key closest to `k`, if one is close enough to be a likely misspelling.
+fn nearest<'k>(k: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|n| (strsim::damerau_levenshtein(k, n), *n))
+        .filter(|(d, n)| *d <= 2.max(n.len() / 4) && *d < n.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearest;
+
+    #[test]
+    fn suggests_close_keys_only() {
+        let known = ["interface", "initiator", "boot_device"];
+        assert_eq!(nearest("interfce", &known), Some("interface"));
+        assert_eq!(nearest("bootdevice", &known), Some("boot_device"));
+        assert_eq!(nearest("rack", &known), None);
+    }
+}

@@ -1,0 +1,377 @@
+//! Rendering a node's `configuration.nix` with Handlebars.
+//!
+//! Safe by construction: `{{value}}` writes the value as a quoted Nix string (the registry's
+//! escape function is [`nix::string`]), `{{nix value}}` writes any value as a Nix expression,
+//! and templates may not use `{{{…}}}` or `{{&…}}`, the only ways to insert raw text. So no
+//! inventory value, whatever it contains, can become Nix code. Strict mode makes a missing
+//! value an error instead of an empty string. The join token is not in the context at all:
+//! the configuration names the token file the agent writes.
+
+pub mod nix;
+
+use std::net::IpAddr;
+
+use handlebars::{
+    Context, Handlebars, Helper, HelperDef, HelperResult, Output, RenderContext, RenderErrorReason,
+};
+use serde::Serialize;
+
+use crate::inventory::{BootLoader, Inventory, Node, Role, Vars};
+
+/// Where the agent writes the join token on the node (under its state directory).
+pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/nk3-agent/join-token";
+
+/// The built-in template.
+pub const DEFAULT_TEMPLATE: &str = include_str!("default.nix.hbs");
+
+/// Why a configuration could not be rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// A value the template needs is neither in the inventory nor known about the machine.
+    #[error("node {node}: no `{what}` in the inventory and none detected on the machine; set `{what}:` for this node (or pass --{flag} to render it elsewhere)")]
+    MissingFact {
+        /// The node's key.
+        node: String,
+        /// The inventory key that is missing.
+        what: &'static str,
+        /// The `render` flag that supplies it.
+        flag: &'static str,
+    },
+    /// The template inserts raw text somewhere.
+    #[error("{template}:{line}: `{found}` inserts a value unquoted, which could turn inventory text into Nix code; use `{{{{value}}}}` (a Nix string) or `{{{{nix value}}}}` (any value)")]
+    Unsafe {
+        /// Template name.
+        template: String,
+        /// 1-based line.
+        line: usize,
+        /// The offending opening.
+        found: String,
+    },
+    /// The template does not compile.
+    #[error("{template}: {message}")]
+    Template {
+        /// Template name.
+        template: String,
+        /// The template engine's message, with its line.
+        message: String,
+    },
+    /// Rendering failed: in strict mode, usually a value the template names does not exist.
+    #[error("{template}: {message}")]
+    Render {
+        /// Template name.
+        template: String,
+        /// The template engine's message, with its line.
+        message: String,
+    },
+}
+
+/// Where a rendering comes from, named in the file's first lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The repository (URL or path). Credentials in a URL are never written out.
+    pub repository: String,
+    /// The commit the inventory was read at.
+    pub commit: String,
+}
+
+/// Facts about the machine that fill values the inventory leaves out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// The interface of the default route.
+    pub interface: Option<String>,
+    /// The default route's gateway.
+    pub default_gateway: Option<IpAddr>,
+}
+
+/// Everything besides the inventory that a rendering depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Named in the header.
+    pub source: Source,
+    /// The path `services.k3s.tokenFile` points at.
+    pub token_file: String,
+    /// Values detected on the machine, used where the inventory is silent.
+    pub facts: HostFacts,
+}
+
+/// A compiled template.
+#[derive(Debug)]
+pub struct Template {
+    name: String,
+    registry: Handlebars<'static>,
+}
+
+impl Template {
+    /// The built-in template.
+    pub fn builtin() -> Template {
+        Template::custom("built-in template", DEFAULT_TEMPLATE)
+            .expect("the built-in template compiles")
+    }
+
+    /// A template brought by the repository. `name` is used in messages.
+    pub fn custom(name: &str, text: &str) -> Result<Template, RenderError> {
+        if let Some((line, found)) = raw_insertion(text) {
+            return Err(RenderError::Unsafe {
+                template: name.to_string(),
+                line,
+                found,
+            });
+        }
+        let mut registry = Handlebars::new();
+        registry.set_strict_mode(true);
+        registry.register_escape_fn(nix::string);
+        registry.register_helper("nix", Box::new(NixHelper));
+        registry
+            .register_template_string(name, text)
+            .map_err(|e| RenderError::Template {
+                template: name.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Template {
+            name: name.to_string(),
+            registry,
+        })
+    }
+
+    /// Renders `node`'s configuration.
+    pub fn render(
+        &self,
+        inv: &Inventory,
+        node: &Node,
+        opts: &Options,
+    ) -> Result<String, RenderError> {
+        let ctx = context(inv, node, opts)?;
+        let body = self
+            .registry
+            .render(&self.name, &ctx)
+            .map_err(|e| RenderError::Render {
+                template: self.name.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(format!("{}{body}", header(node, &opts.source)))
+    }
+}
+
+/// The first lines of every rendered file: where it came from, and not to edit it.
+fn header(node: &Node, source: &Source) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect()
+    };
+    format!(
+        "# Generated by nk3 for {} ({}) from {} at commit {}.\n# Do not edit: nk3-agent replaces this file. Change the inventory instead.\n",
+        node.hostname,
+        node.key,
+        clean(&redact_url(&source.repository)),
+        clean(&source.commit),
+    )
+}
+
+/// A repository URL without any `user:password@` part.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if let Some((_, host)) = authority.rsplit_once('@') {
+            return format!("{scheme}://{host}{path}");
+        }
+    }
+    url.to_string()
+}
+
+/// The first `{{{` or `{{&` in a template, with its line.
+fn raw_insertion(text: &str) -> Option<(usize, String)> {
+    for (i, line) in text.lines().enumerate() {
+        let mut rest = line;
+        while let Some(pos) = rest.find("{{") {
+            let after = rest[pos + 2..].trim_start_matches('~');
+            if after.starts_with('{') || after.starts_with('&') {
+                let found: String = rest[pos..].chars().take(4).collect();
+                return Some((i + 1, found));
+            }
+            rest = &rest[pos + 2..];
+        }
+    }
+    None
+}
+
+struct NixHelper;
+
+impl HelperDef for NixHelper {
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+        out: &mut dyn Output,
+    ) -> HelperResult {
+        let param = h
+            .param(0)
+            .ok_or(RenderErrorReason::ParamNotFoundForIndex("nix", 0))?;
+        if param.is_value_missing() {
+            return Err(RenderErrorReason::MissingVariable(param.relative_path().cloned()).into());
+        }
+        out.write(&nix::value(param.value()))?;
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct Ctx<'a> {
+    source: SourceView<'a>,
+    cluster: ClusterView<'a>,
+    node: NodeView<'a>,
+}
+
+#[derive(Serialize)]
+struct SourceView<'a> {
+    repository: String,
+    commit: &'a str,
+}
+
+#[derive(Serialize)]
+struct ClusterView<'a> {
+    join_address: String,
+    server_url: String,
+    token_file: &'a str,
+    nameservers: Vec<String>,
+    ssh_authorized_keys: &'a [String],
+    state_version: Option<&'a str>,
+    nix_channel: Option<&'a str>,
+    watch_namespaces: &'a [String],
+    node_count: usize,
+}
+
+#[derive(Serialize)]
+struct NodeView<'a> {
+    ip: String,
+    ipv6: bool,
+    hostname: &'a str,
+    role: &'static str,
+    initiator: bool,
+    interface: String,
+    default_gateway: String,
+    prefix_length: u8,
+    boot_loader: BootLoader,
+    systemd_boot: bool,
+    boot_device: Option<&'a str>,
+    uuid: Option<String>,
+    k3s_flags: Vec<String>,
+    firewall: Firewall,
+    vars: &'a Vars,
+}
+
+#[derive(Serialize)]
+struct Firewall {
+    tcp: Vec<u16>,
+    udp: Vec<u16>,
+}
+
+/// The ports k3s needs open on a node of `role` (k3s's documented inbound rules; flannel VXLAN).
+fn firewall(role: Role) -> Firewall {
+    match role {
+        // API server, embedded etcd (client and peer), kubelet.
+        Role::Server => Firewall {
+            tcp: vec![6443, 2379, 2380, 10250],
+            udp: vec![8472],
+        },
+        Role::Agent => Firewall {
+            tcp: vec![10250],
+            udp: vec![8472],
+        },
+    }
+}
+
+fn context<'a>(
+    inv: &'a Inventory,
+    node: &'a Node,
+    opts: &'a Options,
+) -> Result<Ctx<'a>, RenderError> {
+    let interface = node
+        .interface
+        .clone()
+        .or_else(|| opts.facts.interface.clone())
+        .ok_or(RenderError::MissingFact {
+            node: node.key.clone(),
+            what: "interface",
+            flag: "interface",
+        })?;
+    let gateway =
+        node.default_gateway
+            .or(opts.facts.default_gateway)
+            .ok_or(RenderError::MissingFact {
+                node: node.key.clone(),
+                what: "default_gateway",
+                flag: "default-gateway",
+            })?;
+    let join = inv.join_address;
+    let server_url = match join {
+        IpAddr::V4(a) => format!("https://{a}:6443"),
+        IpAddr::V6(a) => format!("https://[{a}]:6443"),
+    };
+    let mut k3s_flags = vec![format!("--node-ip={}", node.ip)];
+    k3s_flags.extend(node.k3s_extra_flags.iter().cloned());
+    Ok(Ctx {
+        source: SourceView {
+            repository: redact_url(&opts.source.repository),
+            commit: &opts.source.commit,
+        },
+        cluster: ClusterView {
+            join_address: join.to_string(),
+            server_url,
+            token_file: &opts.token_file,
+            nameservers: inv.nameservers.iter().map(ToString::to_string).collect(),
+            ssh_authorized_keys: &inv.ssh_authorized_keys,
+            state_version: inv.state_version.as_deref(),
+            nix_channel: inv.nix_channel.as_deref(),
+            watch_namespaces: &inv.watch_namespaces,
+            node_count: inv.nodes.len(),
+        },
+        node: NodeView {
+            ip: node.ip.to_string(),
+            ipv6: node.ip.is_ipv6(),
+            hostname: &node.hostname,
+            role: node.role.as_str(),
+            initiator: node.initiator,
+            interface,
+            default_gateway: gateway.to_string(),
+            prefix_length: node.prefix_length,
+            boot_loader: node.boot_loader,
+            systemd_boot: node.boot_loader == BootLoader::SystemdBoot,
+            boot_device: node.boot_device.as_deref(),
+            uuid: node.uuid.map(|u| u.to_string()),
+            k3s_flags,
+            firewall: firewall(node.role),
+            vars: &node.vars,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_insertions_are_found() {
+        assert_eq!(
+            raw_insertion("a\n  x = {{{node.ip}}};"),
+            Some((2, "{{{n".into()))
+        );
+        assert_eq!(raw_insertion("{{~& x}}").map(|(l, _)| l), Some(1));
+        assert_eq!(
+            raw_insertion("x = {{node.ip}}; y = {{nix node.vars}};"),
+            None
+        );
+    }
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(
+            redact_url("https://user:tok@git.example/x.git"),
+            "https://git.example/x.git"
+        );
+        assert_eq!(redact_url("ssh://git@host/x"), "ssh://host/x");
+        assert_eq!(redact_url("/srv/git/infra"), "/srv/git/infra");
+    }
+}

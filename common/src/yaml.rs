@@ -1,0 +1,470 @@
+//! The one place nk3 touches YAML.
+//!
+//! `serde_yaml` is archived upstream; everything it does for nk3 is kept behind this module so
+//! that replacing it touches one file. It parses text into [`Yaml`], nk3's own tree, and
+//! [`locate`] finds the line of a key path in the text, so validation errors can name a line
+//! even though the tree carries no positions.
+
+use std::fmt;
+
+/// The largest inventory nk3 reads. A 5,000-node inventory is well under 2 MiB.
+pub const MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// A parsed YAML value. Mapping keys are kept in file order as their scalar text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Yaml {
+    /// `~`, `null` or an empty value.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer that fits in `i64`.
+    Int(i64),
+    /// Any other number, as serde_yaml prints it (`24.10` reads as `24.1`, which is why
+    /// string fields refuse numbers instead of converting them).
+    Float(String),
+    /// A string scalar.
+    Str(String),
+    /// A sequence.
+    Seq(Vec<Yaml>),
+    /// A mapping with scalar keys, in file order.
+    Map(Vec<(String, Yaml)>),
+}
+
+impl Yaml {
+    /// What kind of value this is, for messages ("expected a string, found a mapping").
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Yaml::Null => "nothing (null)",
+            Yaml::Bool(_) => "a boolean",
+            Yaml::Int(_) | Yaml::Float(_) => "a number",
+            Yaml::Str(_) => "a string",
+            Yaml::Seq(_) => "a list",
+            Yaml::Map(_) => "a mapping",
+        }
+    }
+}
+
+/// One step of a path into a YAML document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seg {
+    /// A mapping key.
+    Key(String),
+    /// A position in a sequence, from 0.
+    Index(usize),
+}
+
+/// A path into a YAML document, printed the way people write it: `cluster.nodes.10.0.0.5.interface`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Path(pub Vec<Seg>);
+
+impl Path {
+    /// This path with one more key.
+    pub fn key(&self, k: &str) -> Path {
+        let mut v = self.0.clone();
+        v.push(Seg::Key(k.to_string()));
+        Path(v)
+    }
+
+    /// This path with one more sequence position.
+    pub fn index(&self, i: usize) -> Path {
+        let mut v = self.0.clone();
+        v.push(Seg::Index(i));
+        Path(v)
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for seg in &self.0 {
+            match seg {
+                Seg::Key(k) => {
+                    if !first {
+                        f.write_str(".")?;
+                    }
+                    f.write_str(k)?;
+                }
+                Seg::Index(i) => write!(f, "[{i}]")?,
+            }
+            first = false;
+        }
+        Ok(())
+    }
+}
+
+/// Why a document could not be parsed at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ParseError {
+    /// 1-based line, where known.
+    pub line: Option<usize>,
+    /// What is wrong, for a person.
+    pub message: String,
+}
+
+/// Parses one YAML document into a [`Yaml`] tree.
+///
+/// Refuses documents over [`MAX_BYTES`], duplicate keys, tags, non-scalar keys, and alias
+/// expansions that would blow up (a "billion laughs" document).
+pub fn parse(text: &str) -> Result<Yaml, ParseError> {
+    if text.len() > MAX_BYTES {
+        return Err(ParseError {
+            line: None,
+            message: format!(
+                "file is {} bytes; inventories larger than {} bytes are refused",
+                text.len(),
+                MAX_BYTES
+            ),
+        });
+    }
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| from_serde(text, &e))?;
+    convert(text, value, &Path::default())
+}
+
+fn from_serde(text: &str, e: &serde_yaml::Error) -> ParseError {
+    let raw = e.to_string();
+    if raw.contains("repetition limit exceeded") || raw.contains("recursion limit exceeded") {
+        return ParseError {
+            line: None,
+            message: "YAML anchors and aliases expand beyond a sane size; write the values out"
+                .into(),
+        };
+    }
+    const DUP: &str = "duplicate entry with key \"";
+    if let Some(key) = raw
+        .find(DUP)
+        .and_then(|i| raw[i + DUP.len()..].split('"').next())
+    {
+        return ParseError {
+            line: second_occurrence_of_key(text, key),
+            message: format!("duplicate key `{key}`: a key may appear only once in a mapping"),
+        };
+    }
+    // serde_yaml appends " at line L column C"; the line goes into our own field instead.
+    let message = match raw.find(" at line ") {
+        Some(i) => raw[..i].to_string(),
+        None => raw.clone(),
+    };
+    ParseError {
+        line: e.location().map(|l| l.line()),
+        message: format!("not valid YAML: {message}"),
+    }
+}
+
+fn convert(text: &str, v: serde_yaml::Value, at: &Path) -> Result<Yaml, ParseError> {
+    use serde_yaml::Value as V;
+    Ok(match v {
+        V::Null => Yaml::Null,
+        V::Bool(b) => Yaml::Bool(b),
+        V::Number(n) => match n.as_i64() {
+            Some(i) => Yaml::Int(i),
+            None => Yaml::Float(n.to_string()),
+        },
+        V::String(s) => Yaml::Str(s),
+        V::Sequence(items) => Yaml::Seq(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, x)| convert(text, x, &at.index(i)))
+                .collect::<Result<_, _>>()?,
+        ),
+        V::Mapping(m) => {
+            let mut out = Vec::with_capacity(m.len());
+            for (k, x) in m {
+                let key = match k {
+                    V::String(s) => s,
+                    V::Bool(b) => b.to_string(),
+                    V::Number(n) => n.to_string(),
+                    other => {
+                        return Err(ParseError {
+                            line: locate(text, &at.0),
+                            message: format!(
+                                "{at}: mapping keys must be plain text, found {}",
+                                convert(text, other, at)
+                                    .map(|y| y.kind())
+                                    .unwrap_or("a tag")
+                            ),
+                        })
+                    }
+                };
+                let child = convert(text, x, &at.key(&key))?;
+                out.push((key, child));
+            }
+            Yaml::Map(out)
+        }
+        V::Tagged(t) => {
+            return Err(ParseError {
+                line: locate(text, &at.0),
+                message: format!("{at}: YAML tags such as `{}` are not supported", t.tag),
+            })
+        }
+    })
+}
+
+/// A line of the document as the locator sees it.
+struct Line<'a> {
+    indent: usize,
+    /// The text after the indentation.
+    body: &'a str,
+}
+
+fn lines(text: &str) -> Vec<Option<Line<'_>>> {
+    text.lines()
+        .map(|l| {
+            let body = l.trim_start_matches(' ');
+            if body.is_empty() || body.starts_with('#') || body == "---" || body == "..." {
+                None
+            } else {
+                Some(Line {
+                    indent: l.len() - body.len(),
+                    body,
+                })
+            }
+        })
+        .collect()
+}
+
+/// The key a line defines, if it starts with `key:` (quoted or plain), and the column its key
+/// starts at (after any `- ` sequence markers).
+fn line_key<'a>(line: &Line<'a>) -> Option<(usize, &'a str)> {
+    let mut body = line.body;
+    let mut col = line.indent;
+    while let Some(rest) = body.strip_prefix("- ") {
+        let trimmed = rest.trim_start_matches(' ');
+        col += body.len() - trimmed.len();
+        body = trimmed;
+    }
+    key_at_start(body).map(|k| (col, k))
+}
+
+fn key_at_start(body: &str) -> Option<&str> {
+    for q in ['"', '\''] {
+        if let Some(rest) = body.strip_prefix(q) {
+            let end = rest.find(q)?;
+            return rest[end + 1..]
+                .trim_start()
+                .starts_with(':')
+                .then_some(&rest[..end]);
+        }
+    }
+    let colon = body
+        .find(": ")
+        .or_else(|| body.strip_suffix(':').map(|k| k.len()))?;
+    let key = body[..colon].trim_end();
+    (!key.is_empty() && !key.starts_with(['{', '[', '-', '&', '*', '!'])).then_some(key)
+}
+
+/// Whether an inline (flow) mapping in `body` contains `key:`.
+fn flow_has_key(body: &str, key: &str) -> bool {
+    let Some(open) = body.find('{') else {
+        return false;
+    };
+    body[open + 1..]
+        .split(',')
+        .any(|part| key_at_start(part.trim_start()) == Some(key))
+}
+
+fn second_occurrence_of_key(text: &str, key: &str) -> Option<usize> {
+    let ls = lines(text);
+    let mut seen = std::collections::HashMap::new();
+    for (i, l) in ls.iter().enumerate() {
+        let Some(l) = l else { continue };
+        if let Some((col, k)) = line_key(l) {
+            if k == key {
+                // Same key at the same column under the same parent: count per (column, parent).
+                let parent = ls[..i]
+                    .iter()
+                    .rposition(|p| p.as_ref().is_some_and(|p| p.indent < col));
+                let n = seen.entry((col, parent)).or_insert(0);
+                *n += 1;
+                if *n == 2 {
+                    return Some(i + 1);
+                }
+            }
+        }
+        if flow_has_key(l.body, key) {
+            // Inline duplicates sit on one line.
+            let count = l.body.matches(&format!("{key}:")).count();
+            if count > 1 {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+/// Finds the 1-based line where `path` is written in `text`, or the line of its closest
+/// ancestor that can be found. Works on the block and flow styles inventories are written in;
+/// it is a locator for messages, never used to read values.
+pub fn locate(text: &str, path: &[Seg]) -> Option<usize> {
+    let ls = lines(text);
+    // The container being searched: the line of its key (None for the document) and the
+    // column its own key sits at; its children are indented further.
+    let mut parent: Option<usize> = None;
+    let mut parent_col: isize = -1;
+    // Set when the container is a sequence item written `- key: value`: its first key sits on
+    // the dash line, at this column.
+    let mut item_first: Option<(usize, usize)> = None;
+    let mut found: Option<usize> = None;
+    for seg in path {
+        if let (Some(p), None) = (parent, item_first) {
+            // An inline container on the parent's line: the rest of the path is on that line.
+            let body = ls[p].as_ref().map_or("", |l| l.body);
+            let after = body.rsplit_once(": ").map_or("", |(_, v)| v).trim_start();
+            if after.starts_with('{') || after.starts_with('[') {
+                break;
+            }
+        }
+        let hit = match (seg, item_first) {
+            (Seg::Key(k), Some((line, col))) => {
+                let first = ls[line].as_ref().and_then(line_key);
+                if first.map(|(_, key)| key) == Some(k.as_str()) {
+                    Some((line, col))
+                } else {
+                    scan(&ls, line + 1, col as isize - 1, seg)
+                }
+            }
+            _ => scan(&ls, parent.map_or(0, |p| p + 1), parent_col, seg),
+        };
+        let Some((i, col)) = hit else { break };
+        found = Some(i);
+        parent = Some(i);
+        parent_col = col as isize;
+        item_first = None;
+        if let (Seg::Index(_), Some(l)) = (seg, &ls[i]) {
+            if let Some((kc, _)) = line_key(l) {
+                item_first = Some((i, kc));
+            }
+        }
+    }
+    found.map(|f| f + 1)
+}
+
+/// Searches the children of a container (lines after `start` indented past `parent_col`) for
+/// one path step; returns its line and the column its children are indented past.
+fn scan(
+    ls: &[Option<Line<'_>>],
+    start: usize,
+    parent_col: isize,
+    seg: &Seg,
+) -> Option<(usize, usize)> {
+    let mut child_col: Option<usize> = None;
+    let mut item = 0usize;
+    for (i, l) in ls.iter().enumerate().skip(start) {
+        let Some(l) = l else { continue };
+        let is_dash = l.body.starts_with("- ") || l.body == "-";
+        let indent = l.indent as isize;
+        // YAML lets a sequence sit at its key's own indentation.
+        if indent < parent_col
+            || (indent == parent_col && !(is_dash && matches!(seg, Seg::Index(_))))
+        {
+            return None;
+        }
+        match seg {
+            Seg::Key(k) => {
+                if let Some((col, key)) = line_key(l) {
+                    let cc = *child_col.get_or_insert(col);
+                    if col == cc && key == k {
+                        return Some((i, col));
+                    }
+                } else if flow_has_key(l.body, k) {
+                    return Some((i, l.indent));
+                }
+            }
+            Seg::Index(n) if is_dash => {
+                let cc = *child_col.get_or_insert(l.indent);
+                if l.indent == cc {
+                    if item == *n {
+                        return Some((i, l.indent));
+                    }
+                    item += 1;
+                }
+            }
+            Seg::Index(_) => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(segs: &[&str]) -> Vec<Seg> {
+        segs.iter()
+            .map(|s| match s.parse::<usize>() {
+                Ok(n) if s.len() < 3 => Seg::Index(n),
+                _ => Seg::Key(s.to_string()),
+            })
+            .collect()
+    }
+
+    const DOC: &str = "---\ncluster:\n  join_address: 10.0.0.3\n  nodes:\n    10.0.0.3:\n      initiator: true\n      interface: eth0\n    10.0.0.4: { initiator: false, interface: eth1 }\n  rollout:\n    health_checks:\n      - name: a\n        command: [x]\n      - name: b\n        http: http://x\nwatch:\n- default\n- kube-system\n";
+
+    #[test]
+    fn locates_block_keys() {
+        assert_eq!(locate(DOC, &p(&["cluster"])), Some(2));
+        assert_eq!(locate(DOC, &p(&["cluster", "join_address"])), Some(3));
+        assert_eq!(
+            locate(DOC, &p(&["cluster", "nodes", "10.0.0.3", "interface"])),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn locates_flow_mapping_entries_on_their_line() {
+        assert_eq!(
+            locate(DOC, &p(&["cluster", "nodes", "10.0.0.4", "interface"])),
+            Some(8)
+        );
+    }
+
+    #[test]
+    fn locates_sequence_items_and_their_keys() {
+        assert_eq!(
+            locate(
+                DOC,
+                &p(&["cluster", "rollout", "health_checks", "1", "http"])
+            ),
+            Some(14)
+        );
+        assert_eq!(
+            locate(
+                DOC,
+                &p(&["cluster", "rollout", "health_checks", "0", "name"])
+            ),
+            Some(11)
+        );
+        assert_eq!(locate(DOC, &p(&["watch", "1"])), Some(17));
+    }
+
+    #[test]
+    fn missing_key_falls_back_to_closest_ancestor() {
+        assert_eq!(locate(DOC, &p(&["cluster", "nodes", "10.9.9.9"])), Some(4));
+        assert_eq!(locate(DOC, &p(&["nope"])), None);
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_with_the_second_line() {
+        let e = parse("a: 1\nb:\n  c: 1\n  c: 2\n").unwrap_err();
+        assert_eq!(e.line, Some(4));
+        assert!(e.message.contains("duplicate key `c`"), "{}", e.message);
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut doc = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let prev = format!("*a{}", i - 1);
+            doc.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev; 9].join(", ")));
+        }
+        let e = parse(&doc).unwrap_err();
+        assert!(e.message.contains("anchors and aliases"), "{}", e.message);
+    }
+
+    #[test]
+    fn unquoted_versions_are_numbers_not_strings() {
+        let v = parse("v: 24.10").unwrap();
+        assert_eq!(v, Yaml::Map(vec![("v".into(), Yaml::Float("24.1".into()))]));
+    }
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: the real `nk3-agent` binary, real Nix (`nix-instantiate` from Debian's
+//! nix-bin), real files in temporary directories.
+
+mod golden;
+mod nix_eval;
+mod options;
+mod support;
