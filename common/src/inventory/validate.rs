@@ -166,7 +166,9 @@ impl Checker<'_> {
                 self.err(&gat, format!("default gateway {gw} is outside node {}'s subnet {}/{}; set the node's `prefix_length` or `default_gateway`", n.key, network(n.ip, n.prefix_length), n.prefix_length));
             }
         }
-        if n.boot_loader == BootLoader::Grub && n.boot_device.is_none() {
+        let bad_device = at.key("boot_device").to_string();
+        let already_reported = self.diags.items.iter().any(|d| d.key == bad_device);
+        if n.boot_loader == BootLoader::Grub && n.boot_device.is_none() && !already_reported {
             self.err(&at, format!("node {} boots with GRUB but has no `boot_device`; set `boot_device: /dev/…`, or `boot_loader: systemd-boot` for EFI", n.key));
         }
     }
