@@ -184,8 +184,6 @@ pub struct Node {
     pub template: Option<String>,
     /// Free template values: the cluster's `vars`, overlaid with the node's.
     pub vars: Vars,
-    /// The line of the node's key in the file, for messages.
-    pub line: Option<usize>,
 }
 
 /// A validated inventory.

@@ -317,7 +317,6 @@ impl Reader<'_> {
             k3s_extra_flags,
             template,
             vars,
-            line: locate(self.text, &at.0),
         })
     }
 

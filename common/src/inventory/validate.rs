@@ -41,8 +41,10 @@ impl Checker<'_> {
         self.base.key("nodes").key(&n.key)
     }
 
-    fn where_(n: &Node) -> String {
-        match n.line {
+    /// A node named for a message about another: its key and line. Located only when a
+    /// message needs it, since locating is linear in the file.
+    fn where_(&self, n: &Node) -> String {
+        match locate(self.text, &self.node_path(n).0) {
             Some(l) => format!("{} (line {l})", n.key),
             None => n.key.clone(),
         }
@@ -67,7 +69,7 @@ impl Checker<'_> {
                     format!(
                         "node {} is the same address as node {}; each node appears once",
                         n.key,
-                        Self::where_(first)
+                        self.where_(first)
                     ),
                 );
             }
@@ -82,7 +84,7 @@ impl Checker<'_> {
                     format!(
                         "hostname `{}` is also node {}'s; hostnames must be unique",
                         n.hostname,
-                        Self::where_(first)
+                        self.where_(first)
                     ),
                 );
             }
@@ -93,7 +95,7 @@ impl Checker<'_> {
                         &at,
                         format!(
                             "uuid {u} is also node {}'s; a machine can be only one node",
-                            Self::where_(first)
+                            self.where_(first)
                         ),
                     );
                 }
@@ -110,7 +112,7 @@ impl Checker<'_> {
             }
             match first {
                 None => first = Some(n),
-                Some(f) => self.err(&at, format!("node {} is a second initiator; node {} already bootstraps the cluster, and two would create two clusters", n.key, Self::where_(f))),
+                Some(f) => self.err(&at, format!("node {} is a second initiator; node {} already bootstraps the cluster, and two would create two clusters", n.key, self.where_(f))),
             }
         }
     }
