@@ -191,8 +191,8 @@ fn the_token_file_follows_the_state_directory() {
     );
 }
 
-#[test]
-fn a_template_that_inserts_raw_text_is_refused_with_its_line() {
+/// Renders the seed's initiator with a repository template holding `template`.
+fn render_with_template(template: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let seed =
         std::fs::read_to_string(crate::support::root().join("examples/inventory.yaml")).unwrap();
@@ -201,14 +201,15 @@ fn a_template_that_inserts_raw_text_is_refused_with_its_line() {
         format!("{seed}  template: my.nix.hbs\n"),
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("my.nix.hbs"),
-        "{ ... }:\n{\n  networking.hostName = {{{node.hostname}}};\n}\n",
-    )
-    .unwrap();
-    let o = run(nk3()
+    std::fs::write(dir.path().join("my.nix.hbs"), template).unwrap();
+    run(nk3()
         .args(["render", "--node", "172.30.190.3", "--inventory"])
-        .arg(dir.path().join("inventory.yaml")));
+        .arg(dir.path().join("inventory.yaml")))
+}
+
+#[test]
+fn a_template_that_inserts_raw_text_is_refused_with_its_line() {
+    let o = render_with_template("{ ... }:\n{\n  networking.hostName = {{{node.hostname}}};\n}\n");
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
@@ -219,22 +220,7 @@ fn a_template_that_inserts_raw_text_is_refused_with_its_line() {
 
 #[test]
 fn a_template_naming_a_missing_value_fails_in_strict_mode() {
-    let dir = tempfile::tempdir().unwrap();
-    let seed =
-        std::fs::read_to_string(crate::support::root().join("examples/inventory.yaml")).unwrap();
-    std::fs::write(
-        dir.path().join("inventory.yaml"),
-        format!("{seed}  template: my.nix.hbs\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("my.nix.hbs"),
-        "{ ... }:\n{\n  networking.hostName = {{node.hostnme}};\n}\n",
-    )
-    .unwrap();
-    let o = run(nk3()
-        .args(["render", "--node", "172.30.190.3", "--inventory"])
-        .arg(dir.path().join("inventory.yaml")));
+    let o = render_with_template("{ ... }:\n{\n  networking.hostName = {{node.hostnme}};\n}\n");
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
