@@ -258,3 +258,56 @@ pub fn load(file: &str, text: &str) -> Result<Inventory, Diagnostics> {
         _ => Err(diags),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = "cluster:\n  join_address: 172.30.190.3\n  join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55\n  default_gateway: 172.30.190.1\n  nix_channel: nixos-24.05\n  nodes:\n    172.30.190.3: { initiator: true,  interface: enp3s0f0, boot_device: /dev/nvme0n1 }\n    172.30.190.4: { initiator: false, interface: enp3s0f0, boot_device: /dev/nvme0n1 }\n";
+
+    fn flatten(seed: &str) -> String {
+        seed.lines()
+            .skip(1)
+            .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn both_layouts_read_to_the_same_model() {
+        let seed = load("inventory.yaml", SEED).unwrap();
+        let flat = load("inventory.yaml", &flatten(SEED)).unwrap();
+        assert_eq!(seed.layout, Layout::Seed);
+        assert_eq!(flat.layout, Layout::Flat);
+        assert_eq!(
+            Inventory {
+                layout: Layout::Seed,
+                ..flat
+            },
+            seed
+        );
+    }
+
+    #[test]
+    fn the_design_example_reads_as_documented() {
+        let inv = load("inventory.yaml", SEED).unwrap();
+        let n = &inv.nodes[0];
+        assert_eq!(n.hostname, "d6c27852-4d1c-5830-8e94-40b76fa2b5ec");
+        assert!(n.initiator && !inv.nodes[1].initiator);
+        assert_eq!(n.role, Role::Server);
+        assert_eq!(n.interface.as_deref(), Some("enp3s0f0"));
+        assert_eq!(n.default_gateway, Some("172.30.190.1".parse().unwrap()));
+        assert_eq!(n.prefix_length, 24);
+        assert_eq!(inv.rollout, Rollout::default());
+        assert_eq!(format!("{:?}", inv.join_token), "Some(<redacted>)");
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_mean_what_the_original_tool_read() {
+        let inv = load(
+            "inventory.yaml",
+            &SEED.replace("initiator: true", "initiator: yes"),
+        )
+        .unwrap();
+        assert!(inv.nodes[0].initiator);
+    }
+}
