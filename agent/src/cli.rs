@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print one node's configuration.nix, or write every node's with --all.
-    Render(RenderArgs),
+    Render(Box<RenderArgs>),
     /// Check an inventory; print every problem as file:line: key: message.
     Validate(ValidateArgs),
 }
@@ -37,7 +37,8 @@ pub struct RenderArgs {
     #[arg(long, value_name = "FILE")]
     pub inventory: PathBuf,
     /// The node to render: its IP address as written in the inventory, or its hostname.
-    #[arg(long, value_name = "IP", env = env_vars::NK3_NODE, required_unless_present = "all", conflicts_with = "all")]
+    /// Without --node or --all, the machine this runs on is found in the inventory.
+    #[arg(long, value_name = "IP", env = env_vars::NK3_NODE, conflicts_with = "all")]
     pub node: Option<String>,
     /// Render every node, writing <hostname>.nix files into --out.
     #[arg(long, requires = "out")]
@@ -60,6 +61,23 @@ pub struct RenderArgs {
     /// Default gateway for nodes whose entry has none (on a node, the agent detects it).
     #[arg(long, value_name = "IP")]
     pub default_gateway: Option<std::net::IpAddr>,
+    /// How this machine is recognised and what its default route is.
+    #[command(flatten)]
+    pub machine: MachineArgs,
+}
+
+/// Where the agent reads facts about the machine it runs on.
+#[derive(Debug, Args)]
+pub struct MachineArgs {
+    /// The machine's SMBIOS product UUID, matched against nodes' `uuid`.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_PRODUCT_UUID_FILE, default_value = "/sys/class/dmi/id/product_uuid")]
+    pub product_uuid_file: PathBuf,
+    /// The kernel's IPv4 routing table, for the default route.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_ROUTE_TABLE, default_value = "/proc/net/route")]
+    pub route_table: PathBuf,
+    /// The kernel's IPv6 routing table, for the default route.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_ROUTE6_TABLE, default_value = "/proc/net/ipv6_route")]
+    pub route6_table: PathBuf,
 }
 
 /// `nk3-agent validate`.

@@ -3,6 +3,7 @@
 mod cli;
 mod commands;
 mod env_vars;
+mod machine;
 
 use std::process::ExitCode;
 

@@ -4,6 +4,7 @@
 //! `configuration.nix`. No I/O beyond reading what it is given.
 
 pub mod check;
+pub mod identity;
 pub mod inventory;
 pub mod naming;
 pub mod render;

@@ -232,7 +232,94 @@ fn a_template_naming_a_missing_value_fails_in_strict_mode() {
 
 #[test]
 fn usage_errors_exit_2() {
-    let o = run(nk3().args(["render", "--inventory", "examples/inventory.yaml"]));
+    let o = run(nk3().args(["render", "--inventory", "examples/inventory.yaml", "--all"]));
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("--node"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--out"), "{}", stderr(&o));
+}
+
+/// An inventory with this machine in it (every machine has 127.0.0.1) and another node
+/// recognisable by its SMBIOS UUID; a fake routing table with a default route via eth9.
+fn machine_fixture() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.yaml");
+    std::fs::write(
+        &inv,
+        "join_address: 127.0.0.1\njoin_token: t\nnodes:\n  127.0.0.1: { initiator: true, boot_device: /dev/sda }\n  10.0.0.5: { interface: eth0, default_gateway: 10.0.0.1, boot_device: /dev/sda, uuid: 4c4c4544-0042-3510-8052-b4c04f4e4d32 }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("route"),
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\neth9\t00000000\tFE00007F\t0003\t0\t0\t0\t00000000\t0\t0\t0\n",
+    )
+    .unwrap();
+    (dir, inv)
+}
+
+#[test]
+fn render_without_a_node_finds_this_machine_and_its_default_route() {
+    let (dir, inv) = machine_fixture();
+    let o = run(nk3()
+        .args(["render", "--inventory"])
+        .arg(&inv)
+        .arg("--route-table")
+        .arg(dir.path().join("route"))
+        .arg("--product-uuid-file")
+        .arg(dir.path().join("no-such-file")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("this machine is node 127.0.0.1"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("recognised by its address"),
+        "{}",
+        stderr(&o)
+    );
+    let out = stdout(&o);
+    assert!(
+        out.contains("networking.interfaces.\"eth9\".ipv4.addresses"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "networking.defaultGateway = { address = \"127.0.0.254\"; interface = \"eth9\"; };"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn render_recognises_a_machine_by_its_smbios_uuid_first() {
+    let (dir, inv) = machine_fixture();
+    let uuid = dir.path().join("product_uuid");
+    std::fs::write(&uuid, "4C4C4544-0042-3510-8052-B4C04F4E4D32\n").unwrap();
+    let o = run(nk3()
+        .args(["render", "--inventory"])
+        .arg(&inv)
+        .arg("--product-uuid-file")
+        .arg(&uuid));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("this machine is node 10.0.0.5")
+            && stderr(&o).contains("by its SMBIOS product UUID"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stdout(&o).contains("address = \"10.0.0.5\""));
+}
+
+#[test]
+fn a_machine_not_in_the_inventory_is_told_so() {
+    let o = run(nk3().args([
+        "render",
+        "--inventory",
+        "examples/inventory.yaml",
+        "--product-uuid-file",
+        "/nonexistent",
+    ]));
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("this machine is not in the inventory: no node has its UUID (unknown), any of its addresses (") && err.contains("127.0.0.1"), "{err}");
+    assert!(stdout(&o).is_empty());
 }

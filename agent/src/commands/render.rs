@@ -1,21 +1,23 @@
 //! `nk3-agent render`: one node's configuration.nix to stdout, or every node's into a folder.
-#![allow(clippy::print_stdout)]
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use nk3_common::identity;
 use nk3_common::inventory::{Inventory, Node};
 use nk3_common::render::{HostFacts, Options, Source, Template};
 
 use crate::cli::{RenderArgs, TOKEN_FILE_NAME};
+use crate::machine;
 
 /// Renders as asked. Nothing is written unless every requested node renders.
 pub fn run(args: &RenderArgs) -> anyhow::Result<ExitCode> {
     let Some(inv) = super::load_inventory(&args.inventory)? else {
         return Ok(ExitCode::FAILURE);
     };
-    let opts = Options {
+    let mut opts = Options {
         source: Source {
             repository: args
                 .repository
@@ -43,7 +45,26 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<ExitCode> {
                     .join(", ")
             ),
         },
-        None => inv.nodes.iter().collect(),
+        None if args.all => inv.nodes.iter().collect(),
+        None => {
+            // On a node: find it, and take what the inventory leaves out from its default route.
+            let facts = machine::facts(None, &args.machine.product_uuid_file);
+            let (n, by) = identity::identify(&inv, &facts)?;
+            eprintln!(
+                "{}: this machine is node {} ({}), recognised {}",
+                args.inventory.display(),
+                n.key,
+                n.hostname,
+                by.describe()
+            );
+            let route =
+                machine::default_route(n.ip, &args.machine.route_table, &args.machine.route6_table);
+            if let Some(route) = route {
+                opts.facts.interface = opts.facts.interface.or(Some(route.interface));
+                opts.facts.default_gateway = opts.facts.default_gateway.or(Some(route.gateway));
+            }
+            vec![n]
+        }
     };
     let mut rendered = Vec::with_capacity(nodes.len());
     for n in nodes {
