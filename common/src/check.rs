@@ -205,7 +205,8 @@ pub fn k3s_flag(s: &str) -> Result<(), String> {
             "`{s}` contains white space; give each flag as its own list item, `--flag=value`"
         ));
     }
-    if s.contains("token") {
+    let name = s.split_once('=').map_or(s, |(n, _)| n);
+    if matches!(name, "--token" | "-t" | "--agent-token") {
         return Err(format!(
             "`{s}` passes a token on the command line, where every user of the node can read it; use `join_token` or `join_token_file`"
         ));
@@ -269,6 +270,17 @@ mod tests {
         assert!(hostname("-x").is_err());
         assert!(hostname("a.example.com").unwrap_err().contains("dot"));
         assert!(hostname(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn only_flags_that_carry_a_token_are_refused() {
+        assert!(k3s_flag("--token=abc")
+            .unwrap_err()
+            .contains("passes a token"));
+        assert!(k3s_flag("--agent-token=abc").is_err());
+        assert!(k3s_flag("--kube-apiserver-arg=service-account-max-token-expiration=48h").is_ok());
+        assert!(k3s_flag("--token-file=/run/keys/t").is_ok());
+        assert!(k3s_flag("disable=traefik").is_err());
     }
 
     #[test]
