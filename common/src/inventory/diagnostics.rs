@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// One problem.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
     /// 1-based line, where it could be found.
     pub line: Option<usize>,
@@ -15,7 +15,7 @@ pub struct Diagnostic {
 }
 
 /// Every problem found in one file.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct Diagnostics {
     /// The file's name as the user gave it.
     pub file: String,

@@ -14,8 +14,7 @@ use std::time::Duration;
 pub use diagnostics::{Diagnostic, Diagnostics};
 
 /// Where the cluster-level keys sit in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// The original tool's layout: every key under `cluster:`.
     Seed,
@@ -24,8 +23,7 @@ pub enum Layout {
 }
 
 /// A node's k3s role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Runs the control plane (and etcd); the default.
     Server,
@@ -54,8 +52,7 @@ pub enum BootLoader {
 }
 
 /// When a node reboots after switching to a new generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RebootPolicy {
     /// After every change, as the original tool did; the default.
     Always,
@@ -64,8 +61,7 @@ pub enum RebootPolicy {
 }
 
 /// A health check of the inventory's own, run after a node comes back.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthCheck {
     /// Runs a command (argv, no shell); healthy when it exits 0.
     Command {
@@ -84,20 +80,17 @@ pub enum HealthCheck {
 }
 
 /// The `rollout:` block.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rollout {
     /// When to reboot after a switch.
     pub reboot: RebootPolicy,
     /// How many nodes may be disrupted at once (one Lease each).
     pub max_unavailable: u32,
     /// How long a Lease stays valid without renewal; covers a reboot.
-    #[serde(with = "secs")]
     pub lease_duration: Duration,
     /// How long a drain may take before it is given up and retried later.
-    #[serde(with = "secs")]
     pub drain_timeout: Duration,
     /// How long a node may take to become healthy after a switch.
-    #[serde(with = "secs")]
     pub health_timeout: Duration,
     /// The inventory's own checks.
     pub health_checks: Vec<HealthCheck>,
@@ -113,15 +106,6 @@ impl Default for Rollout {
             health_timeout: Duration::from_secs(15 * 60),
             health_checks: Vec::new(),
         }
-    }
-}
-
-mod secs {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_secs())
     }
 }
 
