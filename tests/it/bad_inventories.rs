@@ -200,6 +200,12 @@ fn all_problems_are_reported_in_one_run() {
 }
 
 #[test]
+fn a_missing_nodes_key_is_reported_once() {
+    let lines = errors("cluster:\n  join_address: 10.0.0.3\n  join_token: t\n").lines();
+    assert_eq!(lines, ["inventory.yaml:1: cluster: missing `nodes`: a mapping from each node's IP address to its settings"]);
+}
+
+#[test]
 fn the_token_is_never_quoted_back() {
     let text = seed(&[(3, "  join_token: \"s3cret value\"")]);
     let all = errors(&text).to_string();

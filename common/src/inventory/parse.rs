@@ -133,7 +133,7 @@ impl Reader<'_> {
             .and_then(|v| self.join_token(v, &base.key("join_token")));
         let join_token_file = f
             .get("join_token_file")
-            .and_then(|v| self.abs_path(v, &base.key("join_token_file")));
+            .and_then(|v| self.checked(v, &base.key("join_token_file"), check::absolute_path));
         if !f.contains_key("join_token") && !f.contains_key("join_token_file") {
             self.err(base, "missing `join_token` (or `join_token_file`, a path on the node holding it): nodes need the cluster's token to join");
         }
@@ -223,6 +223,9 @@ impl Reader<'_> {
         let Some(entries) = self.mapping(v, at) else {
             return Vec::new();
         };
+        if entries.is_empty() {
+            self.err(at, "no nodes; list at least one node under `nodes:`");
+        }
         entries
             .iter()
             .filter_map(|(key, body)| self.node(key, body, &at.key(key), d))
@@ -528,10 +531,6 @@ impl Reader<'_> {
             return None;
         }
         Some(Secret::new(s))
-    }
-
-    fn abs_path(&mut self, v: &Yaml, at: &Path) -> Option<String> {
-        self.checked(v, at, check::absolute_path)
     }
 
     fn ip(&mut self, v: &Yaml, at: &Path) -> Option<IpAddr> {

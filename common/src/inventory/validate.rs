@@ -51,13 +51,6 @@ impl Checker<'_> {
     }
 
     fn node_set(&mut self, inv: &Inventory) {
-        if inv.nodes.is_empty() && !self.diags.items.iter().any(|d| d.key.ends_with("nodes")) {
-            let at = self.base.key("nodes");
-            self.err(
-                &at,
-                "no nodes; list at least one node under `nodes:`".into(),
-            );
-        }
         let mut by_ip: HashMap<IpAddr, &Node> = HashMap::new();
         let mut by_name: HashMap<&str, &Node> = HashMap::new();
         let mut by_uuid: HashMap<uuid::Uuid, &Node> = HashMap::new();
