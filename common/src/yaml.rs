@@ -176,15 +176,19 @@ fn convert(text: &str, v: serde_yaml::Value, at: &Path) -> Result<Yaml, ParseErr
                     V::Bool(b) => b.to_string(),
                     V::Number(n) => n.to_string(),
                     other => {
+                        let kind = match other {
+                            V::Sequence(_) => "a list",
+                            V::Mapping(_) => "a mapping",
+                            V::Tagged(_) => "a tag",
+                            _ => "nothing (null)",
+                        };
                         return Err(ParseError {
                             line: locate(text, &at.0),
                             message: format!(
-                                "{at}: mapping keys must be plain text, found {}",
-                                convert(text, other, at)
-                                    .map(|y| y.kind())
-                                    .unwrap_or("a tag")
+                                "{}mapping keys must be plain text, found {kind}",
+                                prefix(at)
                             ),
-                        })
+                        });
                     }
                 };
                 let child = convert(text, x, &at.key(&key))?;
@@ -195,10 +199,23 @@ fn convert(text: &str, v: serde_yaml::Value, at: &Path) -> Result<Yaml, ParseErr
         V::Tagged(t) => {
             return Err(ParseError {
                 line: locate(text, &at.0),
-                message: format!("{at}: YAML tags such as `{}` are not supported", t.tag),
+                message: format!(
+                    "{}YAML tags such as `{}` are not supported",
+                    prefix(at),
+                    t.tag
+                ),
             })
         }
     })
+}
+
+/// `key: ` in front of a message about `at`, or nothing at the document's top.
+fn prefix(at: &Path) -> String {
+    if at.0.is_empty() {
+        String::new()
+    } else {
+        format!("{at}: ")
+    }
 }
 
 /// A line of the document as the locator sees it.
@@ -449,6 +466,20 @@ mod tests {
         let e = parse("a: 1\nb:\n  c: 1\n  c: 2\n").unwrap_err();
         assert_eq!(e.line, Some(4));
         assert!(e.message.contains("duplicate key `c`"), "{}", e.message);
+    }
+
+    #[test]
+    fn tags_and_complex_keys_are_refused_with_their_place() {
+        let e = parse("a:\n  b: !secret x\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (
+                Some(2),
+                "a.b: YAML tags such as `!secret` are not supported"
+            )
+        );
+        let e = parse("? [x]\n: 1\n").unwrap_err();
+        assert_eq!(e.message, "mapping keys must be plain text, found a list");
     }
 
     #[test]
