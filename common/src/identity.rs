@@ -48,10 +48,13 @@ impl MatchedBy {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
     /// The explicit setting names no node.
-    #[error(
-        "--node `{0}` is not a node of the inventory (neither an address nor a hostname in it)"
-    )]
-    UnknownSetting(String),
+    #[error("--node `{id}` is neither the address nor the hostname of a node; nodes are: {nodes}")]
+    UnknownSetting {
+        /// What the setting said.
+        id: String,
+        /// The inventory's node keys.
+        nodes: String,
+    },
     /// Nothing about the machine matches a node.
     #[error("this machine is not in the inventory: no node has its UUID ({uuid}), any of its addresses ({addresses}) or its hostname ({hostname})")]
     NotFound {
@@ -83,7 +86,10 @@ pub fn identify<'a>(
         return inv
             .node(id)
             .map(|n| (n, MatchedBy::Setting))
-            .ok_or_else(|| IdentityError::UnknownSetting(id.clone()));
+            .ok_or_else(|| IdentityError::UnknownSetting {
+                id: id.clone(),
+                nodes: keys(inv.nodes.iter()),
+            });
     }
     for by in [
         MatchedBy::SmbiosUuid,
@@ -97,11 +103,7 @@ pub fn identify<'a>(
             many => {
                 return Err(IdentityError::Ambiguous {
                     by: by.describe(),
-                    nodes: many
-                        .iter()
-                        .map(|n| n.key.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    nodes: keys(many.iter().copied()),
                 })
             }
         }
@@ -118,6 +120,11 @@ pub fn identify<'a>(
         },
         hostname: facts.hostname.clone().unwrap_or_else(|| "unknown".into()),
     })
+}
+
+/// Node keys for a message: `10.0.0.3, 10.0.0.4`.
+fn keys<'a>(nodes: impl Iterator<Item = &'a Node>) -> String {
+    nodes.map(|n| n.key.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 /// Whether one kind of evidence about the machine points at `n`.
@@ -252,10 +259,10 @@ mod tests {
         assert_eq!(e, "this machine is not in the inventory: no node has its UUID (unknown), any of its addresses (127.0.0.1) or its hostname (nixos)");
         let mut f = facts();
         f.explicit = Some("10.9.9.9".into());
-        assert!(matches!(
-            identify(&inv, &f),
-            Err(IdentityError::UnknownSetting(_))
-        ));
+        assert_eq!(
+            identify(&inv, &f).unwrap_err().to_string(),
+            "--node `10.9.9.9` is neither the address nor the hostname of a node; nodes are: 10.0.0.3, 10.0.0.4, 10.0.0.5"
+        );
     }
 
     #[test]

@@ -28,8 +28,7 @@ fn validate_accepts_the_seed_inventory_and_shows_the_node_names() {
 fn validate_lists_every_problem_as_file_line_key_message_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("inventory.yaml");
-    let seed =
-        std::fs::read_to_string(crate::support::root().join("examples/inventory.yaml")).unwrap();
+    let seed = crate::support::seed_inventory();
     let bad = seed.replace(
         "      interface: enp3s0f0\n      boot_device: /dev/nvme0n1\n    172.30.190.5",
         "      interfce: enp3s0f0\n      boot_device: nvme0n1\n    172.30.190.5",
@@ -72,7 +71,19 @@ fn render_names_the_known_nodes_when_asked_for_another() {
     ]));
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
-    assert!(err.contains("no node `10.9.9.9` in examples/inventory.yaml; nodes are: 172.30.190.3, 172.30.190.4, 172.30.190.5"), "{err}");
+    assert!(err.contains("--node `10.9.9.9` is neither the address nor the hostname of a node; nodes are: 172.30.190.3, 172.30.190.4, 172.30.190.5"), "{err}");
+    assert!(stdout(&o).is_empty());
+}
+
+#[test]
+fn validate_names_the_flat_layout() {
+    let o = run(nk3().args(["validate", "examples/flat/inventory.yaml"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("examples/flat/inventory.yaml: valid (flat layout), 3 nodes\n"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -147,6 +158,13 @@ fn render_all_writes_nothing_unless_every_node_renders() {
         .arg(&out));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 3);
+    let listed = stdout(&o);
+    let first = out.join("d6c27852-4d1c-5830-8e94-40b76fa2b5ec.nix");
+    assert!(
+        listed.starts_with(&format!("172.30.190.3  {}\n", first.display())),
+        "{listed}"
+    );
+    assert_eq!(listed.lines().count(), 3, "{listed}");
 }
 
 #[test]
@@ -194,8 +212,7 @@ fn the_token_file_follows_the_state_directory() {
 /// Renders the seed's initiator with a repository template holding `template`.
 fn render_with_template(template: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
-    let seed =
-        std::fs::read_to_string(crate::support::root().join("examples/inventory.yaml")).unwrap();
+    let seed = crate::support::seed_inventory();
     std::fs::write(
         dir.path().join("inventory.yaml"),
         format!("{seed}  template: my.nix.hbs\n"),

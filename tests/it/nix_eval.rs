@@ -54,7 +54,7 @@ fn every_rendered_example_parses_and_evaluates_to_the_inventory() {
 
 #[test]
 fn flipping_the_initiator_changes_only_the_cluster_init_line() {
-    let seed = std::fs::read_to_string(root().join("examples/inventory.yaml")).unwrap();
+    let seed = crate::support::seed_inventory();
     let flipped = seed.replacen("initiator: true", "initiator: false", 1);
     assert_ne!(seed, flipped);
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,11 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The original tool's example inventory, `examples/inventory.yaml`.
+pub fn seed_inventory() -> String {
+    std::fs::read_to_string(root().join("examples/inventory.yaml")).unwrap()
+}
+
 /// The real binary under test.
 pub fn nk3() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_nk3-agent"));

@@ -1,12 +1,13 @@
 //! `nk3-agent render`: one node's configuration.nix to stdout, or every node's into a folder.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use nk3_common::identity;
-use nk3_common::inventory::{Inventory, Node};
+use nk3_common::identity::{self, MatchedBy};
+use nk3_common::inventory::Node;
 use nk3_common::render::{HostFacts, Options, Source, Template};
 
 use crate::cli::{RenderArgs, TOKEN_FILE_NAME};
@@ -32,24 +33,14 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let repo_root = args.inventory.parent().unwrap_or(Path::new("."));
-    let nodes: Vec<&Node> = match &args.node {
-        Some(id) => match inv.node(id) {
-            Some(n) => vec![n],
-            None => anyhow::bail!(
-                "no node `{id}` in {}; nodes are: {}",
-                args.inventory.display(),
-                inv.nodes
-                    .iter()
-                    .map(|n| n.key.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-        None if args.all => inv.nodes.iter().collect(),
-        None => {
-            // On a node: find it, and take what the inventory leaves out from its default route.
-            let facts = machine::facts(None, &args.machine.product_uuid_file);
-            let (n, by) = identity::identify(&inv, &facts)?;
+    let nodes: Vec<&Node> = if args.all {
+        inv.nodes.iter().collect()
+    } else {
+        let facts = machine::facts(args.node.clone(), &args.machine.product_uuid_file);
+        let (n, by) = identity::identify(&inv, &facts)?;
+        if by != MatchedBy::Setting {
+            // On a node: say which one, and take what the inventory leaves out from its
+            // default route.
             eprintln!(
                 "{}: this machine is node {} ({}), recognised {}",
                 args.inventory.display(),
@@ -63,12 +54,18 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<ExitCode> {
                 opts.facts.interface = opts.facts.interface.or(Some(route.interface));
                 opts.facts.default_gateway = opts.facts.default_gateway.or(Some(route.gateway));
             }
-            vec![n]
         }
+        vec![n]
     };
+    // Nodes share templates: each is read and compiled once.
+    let mut templates: HashMap<Option<&str>, Template> = HashMap::new();
     let mut rendered = Vec::with_capacity(nodes.len());
     for n in nodes {
-        rendered.push((n, render_one(&inv, n, &opts, repo_root)?));
+        let template = match templates.entry(n.template.as_deref()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(load_template(n, repo_root)?),
+        };
+        rendered.push((n, template.render(&inv, n, &opts)?));
     }
     match &args.out {
         Some(dir) if args.all => {
@@ -90,13 +87,10 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn render_one(
-    inv: &Inventory,
-    n: &Node,
-    opts: &Options,
-    repo_root: &Path,
-) -> anyhow::Result<String> {
-    let template = match &n.template {
+/// The template `n` uses: the built-in one, or the repository's, read relative to the
+/// inventory's folder.
+fn load_template(n: &Node, repo_root: &Path) -> anyhow::Result<Template> {
+    Ok(match &n.template {
         None => Template::builtin(),
         Some(rel) => {
             let path = repo_root.join(rel);
@@ -105,6 +99,5 @@ fn render_one(
             })?;
             Template::custom(rel, &text)?
         }
-    };
-    Ok(template.render(inv, n, opts)?)
+    })
 }

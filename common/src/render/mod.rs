@@ -366,6 +366,30 @@ mod tests {
     }
 
     #[test]
+    fn absent_optional_values_are_null_so_templates_can_test_them() {
+        let inv = crate::inventory::load(
+            "i",
+            "join_address: 10.0.0.3\njoin_token: t\nnodes:\n  10.0.0.3: { interface: eth0, default_gateway: 10.0.0.1, boot_loader: systemd-boot }\n",
+        )
+        .unwrap();
+        let t = Template::custom(
+            "t",
+            "{{#if node.uuid}}uuid{{else}}no uuid{{/if}}, {{nix node.boot_device}}, {{nix cluster.state_version}}",
+        )
+        .unwrap();
+        let opts = Options {
+            source: Source {
+                repository: "r".into(),
+                commit: "c".into(),
+            },
+            token_file: DEFAULT_TOKEN_FILE.into(),
+            facts: HostFacts::default(),
+        };
+        let out = t.render(&inv, &inv.nodes[0], &opts).unwrap();
+        assert!(out.ends_with("no uuid, null, null"), "{out}");
+    }
+
+    #[test]
     fn urls_lose_their_credentials() {
         assert_eq!(
             redact_url("https://user:tok@git.example/x.git"),
