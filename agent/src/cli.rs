@@ -24,6 +24,12 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The daemon: poll the repository, reconcile this node, repeat.
+    Run(Box<RunArgs>),
+    /// Show this node's identity, commits, phase and last result.
+    Status(Box<StatusArgs>),
+    /// Show what `run --once` would do now, with the diff, without doing it.
+    Plan(Box<AgentArgs>),
     /// Print one node's configuration.nix, or write every node's with --all.
     Render(Box<RenderArgs>),
     /// Check an inventory; print every problem as file:line: key: message.
@@ -67,7 +73,7 @@ pub struct RenderArgs {
 }
 
 /// Where the agent reads facts about the machine it runs on.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct MachineArgs {
     /// The machine's SMBIOS product UUID, matched against nodes' `uuid`.
     #[arg(long, value_name = "FILE", env = env_vars::NK3_PRODUCT_UUID_FILE, default_value = "/sys/class/dmi/id/product_uuid")]
@@ -78,6 +84,108 @@ pub struct MachineArgs {
     /// The kernel's IPv6 routing table, for the default route.
     #[arg(long, value_name = "FILE", env = env_vars::NK3_ROUTE6_TABLE, default_value = "/proc/net/ipv6_route")]
     pub route6_table: PathBuf,
+}
+
+/// `nk3-agent run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// One pass, then exit: 0 when the node is in the declared state (or waiting on a reboot
+    /// it asked for), 1 when the pass failed.
+    #[arg(long)]
+    pub once: bool,
+    /// Everything else.
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
+/// `nk3-agent status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Everything else.
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
+/// The agent's settings, shared by `run`, `status` and `plan`. Defaults match the NixOS
+/// module; every path and command is a setting so that tests run the real binary against a
+/// temporary root.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// The git repository holding the inventory (https://, ssh://, git://, or a path).
+    #[arg(long, value_name = "URL", env = env_vars::NK3_REPO)]
+    pub repo: Option<String>,
+    /// The branch to follow.
+    #[arg(long, value_name = "NAME", env = env_vars::NK3_BRANCH, default_value = "main")]
+    pub branch: String,
+    /// The inventory's path inside the repository.
+    #[arg(long, value_name = "PATH", env = env_vars::NK3_INVENTORY_PATH, default_value = "inventory.yaml")]
+    pub inventory_path: String,
+    /// Time between polls (a random tenth is added so nodes do not poll in step).
+    #[arg(long, value_name = "DURATION", env = env_vars::NK3_POLL_INTERVAL, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub poll_interval: std::time::Duration,
+    /// The agent's own directory: git clone, state.json, lock, token file, backups.
+    #[arg(long, value_name = "DIR", env = env_vars::NK3_STATE_DIR, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Where configuration.nix is written.
+    #[arg(long, value_name = "DIR", env = env_vars::NK3_NIXOS_DIR, default_value = "/etc/nixos")]
+    pub nixos_dir: PathBuf,
+    /// This machine's node: its IP address as written in the inventory, or its hostname.
+    /// Detected when not given.
+    #[arg(long, value_name = "IP-or-name", env = env_vars::NK3_NODE)]
+    pub node: Option<String>,
+    /// Credentials for the k3s API.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_KUBECONFIG, default_value = "/etc/rancher/k3s/k3s.yaml")]
+    pub kubeconfig: PathBuf,
+    /// The nixos-rebuild program.
+    #[arg(long, value_name = "CMD", env = env_vars::NK3_NIXOS_REBUILD, default_value = "nixos-rebuild")]
+    pub nixos_rebuild: PathBuf,
+    /// The systemctl program.
+    #[arg(long, value_name = "CMD", env = env_vars::NK3_SYSTEMCTL, default_value = "systemctl")]
+    pub systemctl: PathBuf,
+    /// The nix-channel program.
+    #[arg(long, value_name = "CMD", env = env_vars::NK3_NIX_CHANNEL, default_value = "nix-channel")]
+    pub nix_channel: PathBuf,
+    /// The git program, used only to verify commit signatures.
+    #[arg(long, value_name = "CMD", env = env_vars::NK3_GIT, default_value = "git")]
+    pub git: PathBuf,
+    /// The running system.
+    #[arg(long, value_name = "PATH", env = env_vars::NK3_CURRENT_SYSTEM, default_value = "/run/current-system")]
+    pub current_system: PathBuf,
+    /// The system the machine booted.
+    #[arg(long, value_name = "PATH", env = env_vars::NK3_BOOTED_SYSTEM, default_value = "/run/booted-system")]
+    pub booted_system: PathBuf,
+    /// This boot's id; a new one means the machine rebooted.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_BOOT_ID_FILE, default_value = "/proc/sys/kernel/random/boot_id")]
+    pub boot_id_file: PathBuf,
+    /// SSH private key for an ssh:// repository.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_SSH_KEY_FILE)]
+    pub ssh_key_file: Option<PathBuf>,
+    /// known_hosts for an ssh:// repository; the server's key must be listed.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_KNOWN_HOSTS)]
+    pub known_hosts: Option<PathBuf>,
+    /// File holding a token for an https:// repository (the user name comes from the URL).
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_REPO_TOKEN_FILE)]
+    pub repo_token_file: Option<PathBuf>,
+    /// SSH allowed-signers file (as for `git verify-commit`): only commits signed by one of
+    /// these keys are applied.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_ALLOWED_SIGNERS)]
+    pub allowed_signers: Option<PathBuf>,
+    /// GnuPG home whose keyring holds the keys allowed to sign commits.
+    #[arg(long, value_name = "DIR", env = env_vars::NK3_GPG_HOME)]
+    pub gpg_home: Option<PathBuf>,
+    /// Follow the branch even when it is rewritten to a commit that does not descend from
+    /// the one applied (force-push). Off: such a head is refused and reported.
+    #[arg(long, env = env_vars::NK3_ALLOW_FORCE_PUSH)]
+    pub allow_force_push: bool,
+    /// Log level: error, warn, info or debug.
+    #[arg(long, value_name = "LEVEL", env = env_vars::NK3_LOG_LEVEL, default_value = "info")]
+    pub log_level: tracing::Level,
+    /// How this machine is recognised and what its default route is.
+    #[command(flatten)]
+    pub machine: MachineArgs,
 }
 
 /// `nk3-agent validate`.

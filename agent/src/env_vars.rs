@@ -11,3 +11,43 @@ pub const NK3_PRODUCT_UUID_FILE: &str = "NK3_PRODUCT_UUID_FILE";
 pub const NK3_ROUTE_TABLE: &str = "NK3_ROUTE_TABLE";
 /// The kernel's IPv6 routing table.
 pub const NK3_ROUTE6_TABLE: &str = "NK3_ROUTE6_TABLE";
+/// The repository the agent follows.
+pub const NK3_REPO: &str = "NK3_REPO";
+/// The branch it follows.
+pub const NK3_BRANCH: &str = "NK3_BRANCH";
+/// The inventory's path inside the repository.
+pub const NK3_INVENTORY_PATH: &str = "NK3_INVENTORY_PATH";
+/// Time between polls of the repository.
+pub const NK3_POLL_INTERVAL: &str = "NK3_POLL_INTERVAL";
+/// Where configuration.nix lives.
+pub const NK3_NIXOS_DIR: &str = "NK3_NIXOS_DIR";
+/// The kubeconfig for the k3s API.
+pub const NK3_KUBECONFIG: &str = "NK3_KUBECONFIG";
+/// The nixos-rebuild command.
+pub const NK3_NIXOS_REBUILD: &str = "NK3_NIXOS_REBUILD";
+/// The systemctl command.
+pub const NK3_SYSTEMCTL: &str = "NK3_SYSTEMCTL";
+/// The nix-channel command.
+pub const NK3_NIX_CHANNEL: &str = "NK3_NIX_CHANNEL";
+/// The git command (used only to verify commit signatures).
+pub const NK3_GIT: &str = "NK3_GIT";
+/// The running system's link.
+pub const NK3_CURRENT_SYSTEM: &str = "NK3_CURRENT_SYSTEM";
+/// The booted system's link.
+pub const NK3_BOOTED_SYSTEM: &str = "NK3_BOOTED_SYSTEM";
+/// The file that holds this boot's id.
+pub const NK3_BOOT_ID_FILE: &str = "NK3_BOOT_ID_FILE";
+/// SSH private key for the repository.
+pub const NK3_SSH_KEY_FILE: &str = "NK3_SSH_KEY_FILE";
+/// known_hosts file for the repository's SSH host.
+pub const NK3_KNOWN_HOSTS: &str = "NK3_KNOWN_HOSTS";
+/// File holding an HTTPS token for the repository.
+pub const NK3_REPO_TOKEN_FILE: &str = "NK3_REPO_TOKEN_FILE";
+/// SSH allowed-signers file: when set, only commits signed by these keys are applied.
+pub const NK3_ALLOWED_SIGNERS: &str = "NK3_ALLOWED_SIGNERS";
+/// GnuPG home whose keyring holds the keys allowed to sign commits.
+pub const NK3_GPG_HOME: &str = "NK3_GPG_HOME";
+/// Accept a branch that was rewritten (force-pushed).
+pub const NK3_ALLOW_FORCE_PUSH: &str = "NK3_ALLOW_FORCE_PUSH";
+/// Log verbosity.
+pub const NK3_LOG_LEVEL: &str = "NK3_LOG_LEVEL";

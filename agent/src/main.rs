@@ -3,7 +3,12 @@
 mod cli;
 mod commands;
 mod env_vars;
+mod git;
+mod logging;
 mod machine;
+mod reconcile;
+mod state;
+mod system;
 
 use std::process::ExitCode;
 
@@ -12,6 +17,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
+        cli::Command::Run(args) => commands::run::run(*args),
+        cli::Command::Status(args) => commands::status::run(&args),
+        cli::Command::Plan(args) => commands::plan::run(&args),
         cli::Command::Render(args) => commands::render::run(&args),
         cli::Command::Validate(args) => commands::validate::run(&args),
     };

@@ -1,6 +1,9 @@
 //! One module per subcommand. Each returns the exit code, or an error for `main` to report.
 
+pub mod plan;
 pub mod render;
+pub mod run;
+pub mod status;
 pub mod validate;
 
 use std::path::Path;

@@ -94,6 +94,9 @@ pub struct Rollout {
     pub health_timeout: Duration,
     /// The inventory's own checks.
     pub health_checks: Vec<HealthCheck>,
+    /// With `nix_channel`: how often to rebuild with `--upgrade` to pick up channel updates.
+    /// Unset: only a change of channel upgrades.
+    pub upgrade_every: Option<Duration>,
 }
 
 impl Default for Rollout {
@@ -105,6 +108,7 @@ impl Default for Rollout {
             drain_timeout: Duration::from_secs(10 * 60),
             health_timeout: Duration::from_secs(15 * 60),
             health_checks: Vec::new(),
+            upgrade_every: None,
         }
     }
 }

@@ -56,6 +56,7 @@ const ROLLOUT_KEYS: &[&str] = &[
     "drain_timeout",
     "health_timeout",
     "health_checks",
+    "upgrade_every",
 ];
 
 const CHECK_KEYS: &[&str] = &["name", "command", "http"];
@@ -348,6 +349,9 @@ impl Reader<'_> {
             if let Some(v) = f.get(key) {
                 *slot = self.duration(v, &at.key(key))?;
             }
+        }
+        if let Some(v) = f.get("upgrade_every") {
+            r.upgrade_every = Some(self.duration(v, &at.key("upgrade_every"))?);
         }
         if r.lease_duration < MIN_LEASE {
             self.err(&at.key("lease_duration"), format!("a lease of {} is too short; it must cover a node's reboot (the default is 15m)", humantime::format_duration(r.lease_duration)));

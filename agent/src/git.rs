@@ -1,0 +1,436 @@
+//! The git source: a bare clone of the repository in the state directory, brought to the
+//! branch's head on every poll.
+//!
+//! Only the files the agent needs are read, straight from the commit's tree, so there is no
+//! work tree to get out of step. Everything here blocks; the daemon calls it from a blocking
+//! thread.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context as _};
+use git2::{
+    AutotagOption, CertificateCheckStatus, Cred, CredentialType, Direction, FetchOptions, Oid,
+    RemoteCallbacks, Repository,
+};
+
+/// How to reach and trust the repository.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// SSH private key for ssh:// URLs.
+    pub ssh_key_file: Option<PathBuf>,
+    /// known_hosts file; when set, an SSH server's key must be listed in it.
+    pub known_hosts: Option<PathBuf>,
+    /// File holding an HTTPS token.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Who may sign the commits the agent applies.
+#[derive(Debug, Clone, Default)]
+pub struct Signers {
+    /// SSH allowed-signers file.
+    pub allowed_signers: Option<PathBuf>,
+    /// GnuPG home with the allowed keys.
+    pub gpg_home: Option<PathBuf>,
+    /// The git program that verifies signatures.
+    pub git: PathBuf,
+}
+
+impl Signers {
+    /// Whether commits must be signed.
+    pub fn required(&self) -> bool {
+        self.allowed_signers.is_some() || self.gpg_home.is_some()
+    }
+}
+
+/// The local clone of the repository.
+#[derive(Debug)]
+pub struct Source {
+    url: String,
+    branch: String,
+    dir: PathBuf,
+    access: Access,
+}
+
+/// What a poll found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The branch's head commit on the remote.
+    pub commit: String,
+    /// Whether it had to be fetched (it was not in the clone yet).
+    pub fetched: bool,
+}
+
+/// Why a head is not used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The branch was rewritten.
+    #[error("branch {branch} was rewritten: {new} does not descend from {old}, which this node already took; refusing it (set --allow-force-push to follow rewrites)")]
+    Rewritten {
+        /// Branch name.
+        branch: String,
+        /// The commit taken before.
+        old: String,
+        /// The new head.
+        new: String,
+    },
+    /// The head is not signed by an allowed key.
+    #[error("commit {commit} is not signed by an allowed key: {detail}")]
+    Unsigned {
+        /// The commit.
+        commit: String,
+        /// What git said.
+        detail: String,
+    },
+}
+
+impl Source {
+    /// A source for `url`'s `branch`, cloned into `dir` (created on first use).
+    pub fn new(url: &str, branch: &str, dir: &Path, access: Access) -> Source {
+        Source {
+            url: url.to_string(),
+            branch: branch.to_string(),
+            dir: dir.to_path_buf(),
+            access,
+        }
+    }
+
+    /// The clone's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Opens the clone, creating it, or re-creating it when it is broken. The second value
+    /// says why an existing clone was replaced.
+    pub fn open(&self) -> anyhow::Result<(Repository, Option<String>)> {
+        let mut replaced = None;
+        if self.dir.exists() {
+            match Repository::open_bare(&self.dir).and_then(|r| check_health(&r).map(|()| r)) {
+                Ok(repo) => {
+                    self.point_at_url(&repo)?;
+                    return Ok((repo, None));
+                }
+                Err(e) => {
+                    replaced = Some(e.message().to_string());
+                    std::fs::remove_dir_all(&self.dir).with_context(|| {
+                        format!("cannot remove broken clone {}", self.dir.display())
+                    })?;
+                }
+            }
+        }
+        let repo = Repository::init_bare(&self.dir)
+            .with_context(|| format!("cannot create clone in {}", self.dir.display()))?;
+        self.point_at_url(&repo)?;
+        Ok((repo, replaced))
+    }
+
+    fn point_at_url(&self, repo: &Repository) -> anyhow::Result<()> {
+        match repo.find_remote("origin") {
+            Ok(r) if r.url() == Some(self.url.as_str()) => Ok(()),
+            Ok(_) => repo
+                .remote_set_url("origin", &self.url)
+                .context("cannot set the clone's remote"),
+            Err(_) => repo
+                .remote("origin", &self.url)
+                .map(|_| ())
+                .context("cannot add the clone's remote"),
+        }
+    }
+
+    fn tracking_ref(&self) -> String {
+        format!("refs/remotes/origin/{}", self.branch)
+    }
+
+    /// Asks the remote for the branch's head and fetches it if the clone lacks it. A poll
+    /// with nothing new transfers only the remote's list of refs.
+    pub fn poll(&self, repo: &Repository) -> anyhow::Result<Head> {
+        let wanted = format!("refs/heads/{}", self.branch);
+        let mut remote = repo.find_remote("origin")?;
+        let head = {
+            let conn = remote
+                .connect_auth(Direction::Fetch, Some(self.callbacks()), None)
+                .map_err(|e| anyhow!("cannot reach {}: {}", self.display_url(), e.message()))?;
+            let list = conn
+                .list()
+                .map_err(|e| anyhow!("cannot list {}: {}", self.display_url(), e.message()))?;
+            list.iter()
+                .find(|h| h.name() == wanted)
+                .map(|h| h.oid())
+                .ok_or_else(|| anyhow!("{} has no branch {}", self.display_url(), self.branch))?
+        };
+        if repo.find_commit(head).is_ok() {
+            repo.reference(&self.tracking_ref(), head, true, "nk3: head already here")?;
+            return Ok(Head {
+                commit: head.to_string(),
+                fetched: false,
+            });
+        }
+        let mut opts = FetchOptions::new();
+        opts.remote_callbacks(self.callbacks());
+        opts.download_tags(AutotagOption::None);
+        let refspec = format!("+{wanted}:{}", self.tracking_ref());
+        remote
+            .fetch(&[refspec.as_str()], Some(&mut opts), Some("nk3: fetch"))
+            .map_err(|e| anyhow!("cannot fetch {}: {}", self.display_url(), e.message()))?;
+        let got = repo.refname_to_id(&self.tracking_ref())?;
+        if got != head {
+            bail!(
+                "{} moved while fetching ({} then {}); will try again",
+                self.display_url(),
+                head,
+                got
+            );
+        }
+        Ok(Head {
+            commit: head.to_string(),
+            fetched: true,
+        })
+    }
+
+    /// Whether `new` may follow `old` on the branch: same, or a descendant.
+    pub fn check_fast_forward(
+        &self,
+        repo: &Repository,
+        old: &str,
+        new: &str,
+    ) -> Result<(), Refusal> {
+        if old == new {
+            return Ok(());
+        }
+        let refused = || Refusal::Rewritten {
+            branch: self.branch.clone(),
+            old: old.to_string(),
+            new: new.to_string(),
+        };
+        let (Ok(o), Ok(n)) = (Oid::from_str(old), Oid::from_str(new)) else {
+            return Err(refused());
+        };
+        // A commit no longer in the clone (re-cloned since) is not on the branch any more:
+        // the branch was rewritten.
+        match repo.graph_descendant_of(n, o) {
+            Ok(true) => Ok(()),
+            _ => Err(refused()),
+        }
+    }
+
+    /// Checks the commit's signature against the allowed signers with `git verify-commit`.
+    pub fn check_signature(&self, signers: &Signers, commit: &str) -> Result<(), Refusal> {
+        let mut cmd = Command::new(&signers.git);
+        cmd.arg("--git-dir").arg(&self.dir);
+        if let Some(f) = &signers.allowed_signers {
+            cmd.arg("-c")
+                .arg(format!("gpg.ssh.allowedSignersFile={}", f.display()));
+        }
+        if let Some(home) = &signers.gpg_home {
+            cmd.env("GNUPGHOME", home);
+        }
+        cmd.args(["verify-commit", "--", commit]);
+        let unsigned = |detail: String| Refusal::Unsigned {
+            commit: commit.to_string(),
+            detail,
+        };
+        let out = cmd
+            .output()
+            .map_err(|e| unsigned(format!("cannot run {}: {e}", signers.git.display())))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&out.stderr);
+        let detail = text
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .unwrap_or("no signature")
+            .to_string();
+        Err(unsigned(detail))
+    }
+
+    /// A file of the commit's tree, or `None` when the commit has no such file.
+    pub fn read(repo: &Repository, commit: &str, path: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let oid = Oid::from_str(commit)?;
+        let tree = repo.find_commit(oid)?.tree()?;
+        let entry = match tree.get_path(Path::new(path)) {
+            Ok(e) => e,
+            Err(e) if e.code() == git2::ErrorCode::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let blob = entry
+            .to_object(repo)?
+            .into_blob()
+            .map_err(|_| anyhow!("{path} is not a file at commit {commit}"))?;
+        Ok(Some(blob.content().to_vec()))
+    }
+
+    /// The URL without credentials, for messages.
+    pub fn display_url(&self) -> String {
+        nk3_common::render::redact_url(&self.url)
+    }
+
+    fn callbacks(&self) -> RemoteCallbacks<'_> {
+        let mut cb = RemoteCallbacks::new();
+        let access = &self.access;
+        let mut tries = 0;
+        cb.credentials(move |_url, user, allowed| {
+            // libgit2 asks again after a refused credential; give up instead of looping.
+            tries += 1;
+            if tries > 3 {
+                return Err(git2::Error::from_str("credentials refused by the server"));
+            }
+            credentials(access, user, allowed)
+        });
+        if let Some(known) = access.known_hosts.clone() {
+            cb.certificate_check(move |cert, host| {
+                let Some(hostkey) = cert.as_hostkey().and_then(|k| k.hostkey()) else {
+                    // Not an SSH host key: TLS certificates are checked by libgit2 itself.
+                    return Ok(CertificateCheckStatus::CertificatePassthrough);
+                };
+                let text = std::fs::read_to_string(&known).map_err(|e| {
+                    git2::Error::from_str(&format!("cannot read {}: {e}", known.display()))
+                })?;
+                if known_hosts_allow(&text, host, hostkey) {
+                    Ok(CertificateCheckStatus::CertificateOk)
+                } else {
+                    Err(git2::Error::from_str(&format!(
+                        "the SSH host key of {host} is not in {}",
+                        known.display()
+                    )))
+                }
+            });
+        }
+        cb
+    }
+}
+
+/// Checks that the object database answers for the branch refs it has.
+fn check_health(repo: &Repository) -> Result<(), git2::Error> {
+    for r in repo.references()? {
+        let r = r?;
+        if let Some(oid) = r.target() {
+            repo.find_commit(oid)?.tree()?;
+        }
+    }
+    Ok(())
+}
+
+/// The credential for what the server accepts: the SSH key, or the HTTPS token.
+fn credentials(
+    access: &Access,
+    user: Option<&str>,
+    allowed: CredentialType,
+) -> Result<Cred, git2::Error> {
+    if allowed.contains(CredentialType::USERNAME) {
+        return Cred::username(user.unwrap_or("git"));
+    }
+    if allowed.contains(CredentialType::SSH_KEY) {
+        if let Some(key) = &access.ssh_key_file {
+            return Cred::ssh_key(user.unwrap_or("git"), None, key, None);
+        }
+    }
+    if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+        if let Some(file) = &access.token_file {
+            let token = std::fs::read_to_string(file).map_err(|e| {
+                git2::Error::from_str(&format!("cannot read token file {}: {e}", file.display()))
+            })?;
+            return Cred::userpass_plaintext(user.unwrap_or("git"), token.trim());
+        }
+    }
+    Err(git2::Error::from_str(
+        "the repository asks for credentials and none are configured (--ssh-key-file or --repo-token-file)",
+    ))
+}
+
+/// Whether `known_hosts` text lists `key` (raw SSH wire format) for `host`. Plain host
+/// patterns (`host`, `[host]:port`, `*` wildcards, `!` negation) are understood; hashed
+/// entries (`|1|…`) are not, so write known_hosts for nk3 unhashed.
+pub fn known_hosts_allow(text: &str, host: &str, key: &[u8]) -> bool {
+    use base64::Engine as _;
+    let decode = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).ok();
+    text.lines().any(|line| {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('@') {
+            return false;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(hosts), Some(_kind), Some(b64)) = (fields.next(), fields.next(), fields.next())
+        else {
+            return false;
+        };
+        host_matches(hosts, host) && decode(b64).as_deref() == Some(key)
+    })
+}
+
+fn host_matches(patterns: &str, host: &str) -> bool {
+    let mut ok = false;
+    for p in patterns.split(',') {
+        let (neg, p) = match p.strip_prefix('!') {
+            Some(rest) => (true, rest),
+            None => (false, p),
+        };
+        let p = p
+            .strip_prefix('[')
+            .and_then(|r| r.split_once("]:").map(|(h, _)| h))
+            .unwrap_or(p);
+        if glob(p, host) {
+            if neg {
+                return false;
+            }
+            ok = true;
+        }
+    }
+    ok
+}
+
+fn glob(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern.eq_ignore_ascii_case(text),
+        Some((pre, rest)) => {
+            text.len() >= pre.len()
+                && text[..pre.len()].eq_ignore_ascii_case(pre)
+                && (pre.len()..=text.len()).any(|i| glob(rest, &text[i..]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_hosts_match_host_and_key() {
+        let text = "# comment\n\
+            git.example.com,10.0.0.9 ssh-ed25519 aGVsbG8=\n\
+            [git.example.org]:2222 ssh-ed25519 aGk=\n\
+            *.corp,!bad.corp ssh-ed25519 aGVsbG8h\n\
+            |1|abc=|def= ssh-ed25519 aGVsbG8=\n";
+        assert!(known_hosts_allow(text, "git.example.com", b"hello"));
+        assert!(known_hosts_allow(text, "10.0.0.9", b"hello"));
+        assert!(
+            !known_hosts_allow(text, "git.example.com", b"hi"),
+            "wrong key"
+        );
+        assert!(known_hosts_allow(text, "git.example.org", b"hi"));
+        assert!(known_hosts_allow(text, "git.corp", b"hello!"));
+        assert!(!known_hosts_allow(text, "bad.corp", b"hello!"), "negated");
+        assert!(!known_hosts_allow(text, "other.example.com", b"hello"));
+    }
+
+    #[test]
+    fn credentials_follow_what_the_server_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let access = Access {
+            token_file: Some(token),
+            ..Access::default()
+        };
+        assert!(credentials(&access, Some("ci"), CredentialType::USER_PASS_PLAINTEXT).is_ok());
+        let none = credentials(&Access::default(), None, CredentialType::SSH_KEY)
+            .err()
+            .unwrap();
+        assert!(
+            none.message().contains("--ssh-key-file"),
+            "{}",
+            none.message()
+        );
+    }
+}

@@ -1,0 +1,56 @@
+//! Logs for operators reading `journalctl -u nk3-agent`: one line per event, with the node
+//! (`host=`) and commit (`commit=`) in it.
+//!
+//! Under systemd (`JOURNAL_STREAM` set) there are no colours and no timestamps of our own
+//! (the journal adds its own), and each line starts with its syslog priority (`<3>` error,
+//! `<4>` warning, `<6>` info, `<7>` debug), which journald reads as the entry's priority.
+//! In a terminal, lines carry the time and the level.
+
+use std::fmt;
+
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Installs the subscriber for `level` and more severe. Logs go to stderr.
+pub fn init(level: Level) {
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if journal {
+        builder.with_ansi(false).event_format(JournalFormat).init();
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        builder.with_ansi(ansi).init();
+    }
+}
+
+/// `<priority>message field=value…`, nothing else.
+#[derive(Debug)]
+struct JournalFormat;
+
+impl<S, N> FormatEvent<S, N> for JournalFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let priority = match *event.metadata().level() {
+            Level::ERROR => 3,
+            Level::WARN => 4,
+            Level::INFO => 6,
+            Level::DEBUG | Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}

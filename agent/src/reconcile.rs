@@ -1,0 +1,847 @@
+//! One pass of the agent on its node: fetch, identify, render, compare, build, and switch
+//! (DESIGN section 6, steps 1–5, and the direct switch of a node that is not coordinated by
+//! the cluster). Every step that changes something is preceded by writing the phase to
+//! `state.json`, so that a pass interrupted anywhere resumes correctly.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{anyhow, Context as _};
+use git2::Repository;
+use nk3_common::identity::{self, MatchedBy};
+use nk3_common::inventory::{self, Inventory, Node, RebootPolicy};
+use nk3_common::render::{self, HostFacts, Options, Source as RenderSource, Template};
+use tracing::{debug, error, info, warn};
+
+use crate::cli::{AgentArgs, TOKEN_FILE_NAME};
+use crate::git::{Access, Signers, Source};
+use crate::machine;
+use crate::state::{self, LastResult, Outcome, Phase, Rejected, State};
+use crate::system::{self, Nixos};
+
+/// Where the previous configuration.nix is kept when a new one lands.
+pub const PREVIOUS_CONFIG: &str = "configuration.nix.previous";
+
+/// The agent on one node: its settings, its repository and its remembered state.
+#[derive(Debug)]
+pub struct Agent {
+    settings: AgentArgs,
+    source: Source,
+    nixos: Nixos,
+    signers: Signers,
+    /// What the agent remembers; saved before every side effect.
+    pub state: State,
+}
+
+/// What a pass would do with a commit, decided without side effects (shared by `run` and
+/// `plan`).
+#[derive(Debug)]
+pub enum Decision {
+    /// The inventory at this commit is invalid.
+    BadInventory {
+        /// Every problem, `file:line: key: message`.
+        problems: Vec<String>,
+    },
+    /// This machine is not (exactly one) node of the inventory.
+    NotANode(String),
+    /// Nix refused this commit before; only a new commit is tried.
+    AlreadyRejected(Rejected),
+    /// The node runs what the commit declares.
+    UpToDate(Target),
+    /// The configuration must be built (and switched to, if the system differs).
+    Apply {
+        /// The node and its new file.
+        target: Target,
+        /// Unified diff from the file on disk (secrets redacted); `None` when the file is
+        /// unchanged and the build is for a channel upgrade or to confirm what runs.
+        diff: Option<String>,
+        /// Why.
+        why: &'static str,
+        /// Whether to build with `--upgrade`.
+        upgrade: bool,
+    },
+}
+
+/// The node a commit declares for this machine.
+#[derive(Debug)]
+pub struct Target {
+    /// The commit.
+    pub commit: String,
+    /// The node's key in the inventory.
+    pub node: String,
+    /// The node's hostname.
+    pub host: String,
+    /// How the machine was recognised.
+    pub matched_by: MatchedBy,
+    /// The rendered configuration.nix.
+    pub rendered: String,
+    /// The inventory's reboot policy.
+    pub reboot: RebootPolicy,
+    /// The channel to follow, if any.
+    pub channel: Option<String>,
+    /// The token to write for k3s, if the inventory has one (redacted from every output).
+    secrets: Vec<String>,
+    token: Option<TokenSource>,
+}
+
+#[derive(Debug)]
+enum TokenSource {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl Agent {
+    /// An agent for these settings, with the state read from its directory.
+    pub fn new(settings: AgentArgs, state: State) -> anyhow::Result<Agent> {
+        let repo = settings
+            .repo
+            .clone()
+            .ok_or_else(|| anyhow!("no repository: pass --repo URL or set NK3_REPO"))?;
+        let source = Source::new(
+            &repo,
+            &settings.branch,
+            &settings.state_dir.join("repo"),
+            Access {
+                ssh_key_file: settings.ssh_key_file.clone(),
+                known_hosts: settings.known_hosts.clone(),
+                token_file: settings.repo_token_file.clone(),
+            },
+        );
+        let nixos = Nixos {
+            nixos_rebuild: settings.nixos_rebuild.clone(),
+            systemctl: settings.systemctl.clone(),
+            nix_channel: settings.nix_channel.clone(),
+            config: settings.nixos_dir.join("configuration.nix"),
+            work_dir: settings.state_dir.clone(),
+            current_system: settings.current_system.clone(),
+            booted_system: settings.booted_system.clone(),
+            boot_id_file: settings.boot_id_file.clone(),
+        };
+        let signers = Signers {
+            allowed_signers: settings.allowed_signers.clone(),
+            gpg_home: settings.gpg_home.clone(),
+            git: settings.git.clone(),
+        };
+        let mut state = state;
+        state.repository = Some(source.display_url());
+        Ok(Agent {
+            settings,
+            source,
+            nixos,
+            signers,
+            state,
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &AgentArgs {
+        &self.settings
+    }
+
+    /// The git source.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// Who may sign commits.
+    pub fn signers(&self) -> &Signers {
+        &self.signers
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        state::save(&self.settings.state_dir, &self.state)
+    }
+
+    fn host(&self) -> String {
+        self.state
+            .host
+            .clone()
+            .unwrap_or_else(|| "this machine".to_string())
+    }
+
+    fn finish(
+        &mut self,
+        outcome: Outcome,
+        commit: Option<&str>,
+        message: String,
+    ) -> anyhow::Result<Outcome> {
+        self.state.last = Some(LastResult {
+            outcome,
+            commit: commit.map(str::to_string),
+            message,
+            at: state::now(),
+        });
+        self.save()?;
+        Ok(outcome)
+    }
+
+    /// Reports a problem once: again only when it changes.
+    fn problem(&mut self, commit: Option<&str>, message: &str) {
+        if self.state.last.as_ref().map(|l| l.message.as_str()) != Some(message) {
+            warn!(host = %self.host(), commit = %short(commit), "{message}");
+        }
+    }
+
+    /// One pass. Errors are for what the pass could not get past (the state is saved first).
+    pub fn pass(&mut self) -> anyhow::Result<Outcome> {
+        if let Some(outcome) = self.resume()? {
+            return Ok(outcome);
+        }
+        let (repo, replaced) = self.source.open()?;
+        if let Some(why) = replaced {
+            warn!(host = %self.host(), commit = %short(self.state.fetched.as_deref()), "the clone in {} was broken ({why}); cloned it again", self.source.dir().display());
+        }
+        let commit = match self.fetch(&repo)? {
+            Some(c) => c,
+            None => {
+                let msg = match &self.state.source_problem {
+                    Some(p) => format!("no commit fetched yet: {p}"),
+                    None => "no commit fetched yet".to_string(),
+                };
+                return self.finish(Outcome::Failed, None, msg);
+            }
+        };
+        match self.decide(&repo, &commit)? {
+            Decision::BadInventory { problems } => {
+                let msg = format!(
+                    "the inventory at commit {} has {} problem{}; nothing was applied, the node keeps running commit {}",
+                    short(Some(&commit)),
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" },
+                    short(self.state.applied.as_deref()),
+                );
+                if self.state.last.as_ref().map(|l| &l.message) != Some(&msg) {
+                    for p in &problems {
+                        error!(host = %self.host(), commit = %short(Some(&commit)), "{p}");
+                    }
+                }
+                self.problem(Some(&commit), &msg);
+                self.finish(Outcome::Refused, Some(&commit), msg)
+            }
+            Decision::NotANode(why) => {
+                let msg = format!("{why}; idle until the inventory names this machine");
+                self.problem(Some(&commit), &msg);
+                self.finish(Outcome::NotANode, Some(&commit), msg)
+            }
+            Decision::AlreadyRejected(r) => {
+                let msg = format!(
+                    "commit {} was rejected at {}; waiting for a new commit: {}",
+                    short(Some(&r.commit)),
+                    r.at,
+                    r.error
+                );
+                self.finish(Outcome::Rejected, Some(&commit), msg)
+            }
+            Decision::UpToDate(t) => {
+                self.identified(&t);
+                self.write_token(&t)?;
+                let first = self.state.applied.as_deref() != Some(&t.commit)
+                    || self.state.last.as_ref().map(|l| l.outcome) != Some(Outcome::NoChange);
+                if first {
+                    info!(host = %t.host, commit = %short(Some(&t.commit)), "No action needed on {}", t.host);
+                } else {
+                    debug!(host = %t.host, commit = %short(Some(&t.commit)), "No action needed on {}", t.host);
+                }
+                self.state.applied = Some(t.commit.clone());
+                self.finish(
+                    Outcome::NoChange,
+                    Some(&t.commit),
+                    format!("No action needed on {}", t.host),
+                )
+            }
+            Decision::Apply {
+                target,
+                diff,
+                why,
+                upgrade,
+            } => {
+                self.identified(&target);
+                self.apply(target, diff, why, upgrade)
+            }
+        }
+    }
+
+    fn identified(&mut self, t: &Target) {
+        self.state.node = Some(t.node.clone());
+        self.state.host = Some(t.host.clone());
+    }
+
+    /// Finishes what an interrupted pass left. `Some` ends this pass.
+    fn resume(&mut self) -> anyhow::Result<Option<Outcome>> {
+        match self.state.phase.clone() {
+            Phase::Idle | Phase::Built { .. } | Phase::Switching { .. } => Ok(None),
+            Phase::Building {
+                commit,
+                had_previous,
+                ..
+            } => {
+                // The new file may or may not have landed, and its build did not finish: put the
+                // previous file back and start the pass over.
+                self.restore(had_previous)?;
+                warn!(host = %self.host(), commit = %short(Some(&commit)), "a build of commit {} was interrupted; restored the previous configuration.nix and starting over", short(Some(&commit)));
+                self.state.phase = Phase::Idle;
+                self.save()?;
+                Ok(None)
+            }
+            Phase::Rebooting {
+                commit,
+                system,
+                boot_id,
+            } => {
+                let now = self.nixos.boot_id()?;
+                if now == boot_id {
+                    // The reboot asked for has not happened (the agent was stopped before it):
+                    // ask again.
+                    info!(host = %self.host(), commit = %short(Some(&commit)), "Rebooting {} (asked again: the machine has not rebooted yet)", self.host());
+                    self.nixos.reboot()?;
+                    return Ok(Some(Outcome::Rebooting));
+                }
+                self.state.phase = Phase::Idle;
+                if self.nixos.current().as_deref() == Some(system.as_str()) {
+                    self.state.applied = Some(commit.clone());
+                    self.state.applied_system = Some(system);
+                    info!(host = %self.host(), commit = %short(Some(&commit)), "{} is up on commit {}", self.host(), short(Some(&commit)));
+                    let msg = format!("applied commit {} (after a reboot)", short(Some(&commit)));
+                    self.finish(Outcome::Applied, Some(&commit), msg)?;
+                    Ok(None)
+                } else {
+                    let msg = format!(
+                        "{} rebooted but runs {}, not the system commit {} built ({system})",
+                        self.host(),
+                        self.nixos
+                            .current()
+                            .unwrap_or_else(|| "an unknown system".into()),
+                        short(Some(&commit))
+                    );
+                    error!(host = %self.host(), commit = %short(Some(&commit)), "{msg}");
+                    self.finish(Outcome::Failed, Some(&commit), msg)?;
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    /// Step 1: the commit to work on. `None` when there is none yet.
+    fn fetch(&mut self, repo: &Repository) -> anyhow::Result<Option<String>> {
+        let head = match self.source.poll(repo) {
+            Ok(h) => h,
+            Err(e) => {
+                let msg = format!(
+                    "{e:#}; keeping commit {}",
+                    short(self.state.applied.as_deref())
+                );
+                if self.state.source_problem.as_deref() != Some(msg.as_str()) {
+                    warn!(host = %self.host(), commit = %short(self.state.fetched.as_deref()), "{msg}");
+                    self.state.source_problem = Some(msg);
+                    self.save()?;
+                }
+                return Ok(self.state.fetched.clone());
+            }
+        };
+        if self.state.source_problem.take().is_some() {
+            info!(host = %self.host(), commit = %short(Some(&head.commit)), "{} answers again", self.source.display_url());
+        }
+        if head.fetched {
+            debug!(host = %self.host(), commit = %short(Some(&head.commit)), "fetched {}", head.commit);
+        }
+        let refusal = match self.state.fetched.as_deref() {
+            Some(old) if !self.settings.allow_force_push => self
+                .source
+                .check_fast_forward(repo, old, &head.commit)
+                .err(),
+            _ => None,
+        }
+        .or_else(|| {
+            self.signers
+                .required()
+                .then(|| {
+                    self.source
+                        .check_signature(&self.signers, &head.commit)
+                        .err()
+                })
+                .flatten()
+        });
+        if let Some(r) = refusal {
+            let msg = format!(
+                "{r}; keeping commit {}",
+                short(self.state.applied.as_deref())
+            );
+            if self.state.source_problem.as_deref() != Some(msg.as_str()) {
+                error!(host = %self.host(), commit = %short(Some(&head.commit)), "{msg}");
+                self.state.source_problem = Some(msg);
+            }
+            self.save()?;
+            return Ok(self.state.fetched.clone());
+        }
+        self.state.fetched = Some(head.commit.clone());
+        Ok(Some(head.commit))
+    }
+
+    /// Steps 2 and 3 without side effects: identify the machine in the commit's inventory,
+    /// render its file, and compare with what is on disk and what runs.
+    pub fn decide(&self, repo: &Repository, commit: &str) -> anyhow::Result<Decision> {
+        let path = &self.settings.inventory_path;
+        let label = format!("{path}@{}", short(Some(commit)));
+        let Some(bytes) = Source::read(repo, commit, path)? else {
+            return Ok(Decision::BadInventory {
+                problems: vec![format!(
+                    "{label}: no such file in the repository (--inventory-path is {path})"
+                )],
+            });
+        };
+        let text = match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(_) => {
+                return Ok(Decision::BadInventory {
+                    problems: vec![format!("{label}: not UTF-8 text")],
+                })
+            }
+        };
+        let inv = match inventory::load(&label, &text) {
+            Ok(inv) => inv,
+            Err(d) => {
+                return Ok(Decision::BadInventory {
+                    problems: d.lines(),
+                })
+            }
+        };
+        let facts = machine::facts(
+            self.settings.node.clone(),
+            &self.settings.machine.product_uuid_file,
+        );
+        let (node, matched_by) = match identity::identify(&inv, &facts) {
+            Ok(x) => x,
+            Err(e) => return Ok(Decision::NotANode(e.to_string())),
+        };
+        if let Some(r) = &self.state.rejected {
+            if r.commit == commit {
+                return Ok(Decision::AlreadyRejected(r.clone()));
+            }
+        }
+        let rendered = self.render(repo, commit, &inv, node)?;
+        let target = Target {
+            commit: commit.to_string(),
+            node: node.key.clone(),
+            host: node.hostname.clone(),
+            matched_by,
+            rendered,
+            reboot: inv.rollout.reboot,
+            channel: inv.nix_channel.clone(),
+            secrets: secrets(&inv),
+            token: match (&inv.join_token_file, &inv.join_token) {
+                (Some(f), _) => Some(TokenSource::File(f.into())),
+                (None, Some(t)) => Some(TokenSource::Inline(t.expose().to_string())),
+                (None, None) => None,
+            },
+        };
+        let on_disk = std::fs::read_to_string(&self.nixos.config).ok();
+        let same_file =
+            on_disk.as_deref().map(render::body) == Some(render::body(&target.rendered));
+        let upgrade = self.upgrade_due(&inv);
+        let running = self.nixos.current();
+        let confirmed = self.state.applied_system.is_some() && running == self.state.applied_system;
+        if same_file && !upgrade && confirmed {
+            return Ok(Decision::UpToDate(target));
+        }
+        let (diff, why) = if same_file {
+            let why = if upgrade {
+                "channel upgrade"
+            } else {
+                "confirming the running system"
+            };
+            (None, why)
+        } else {
+            let d = diff(
+                on_disk.as_deref().unwrap_or(""),
+                &target.rendered,
+                &target.secrets,
+            );
+            let why = if self.state.applied.as_deref() == Some(commit) {
+                "configuration.nix was changed by hand"
+            } else {
+                "new commit"
+            };
+            (Some(d), why)
+        };
+        Ok(Decision::Apply {
+            target,
+            diff,
+            why,
+            upgrade,
+        })
+    }
+
+    fn render(
+        &self,
+        repo: &Repository,
+        commit: &str,
+        inv: &Inventory,
+        node: &Node,
+    ) -> anyhow::Result<String> {
+        let template = match &node.template {
+            None => Template::builtin(),
+            Some(rel) => {
+                let base = Path::new(&self.settings.inventory_path)
+                    .parent()
+                    .unwrap_or(Path::new(""));
+                let path = base.join(rel).display().to_string();
+                let bytes = Source::read(repo, commit, &path)?.ok_or_else(|| {
+                    anyhow!(
+                        "node {}: template {path} is not in the repository at commit {}",
+                        node.key,
+                        short(Some(commit))
+                    )
+                })?;
+                Template::custom(rel, &String::from_utf8_lossy(&bytes))?
+            }
+        };
+        let mut facts = HostFacts::default();
+        if node.interface.is_none()
+            || node.default_gateway.is_none() && inv.default_gateway.is_none()
+        {
+            if let Some(route) = machine::default_route(
+                node.ip,
+                &self.settings.machine.route_table,
+                &self.settings.machine.route6_table,
+            ) {
+                facts.interface = Some(route.interface);
+                facts.default_gateway = Some(route.gateway);
+            }
+        }
+        let opts = Options {
+            source: RenderSource {
+                repository: self.source.display_url(),
+                commit: commit.to_string(),
+            },
+            token_file: self
+                .settings
+                .state_dir
+                .join(TOKEN_FILE_NAME)
+                .display()
+                .to_string(),
+            facts,
+        };
+        Ok(template.render(inv, node, &opts)?)
+    }
+
+    /// Whether this pass builds with `--upgrade`: the channel changed, or `upgrade_every`
+    /// has passed since the last upgrade.
+    fn upgrade_due(&self, inv: &Inventory) -> bool {
+        let Some(channel) = &inv.nix_channel else {
+            return false;
+        };
+        if self.state.channel.as_deref() != Some(channel.as_str()) {
+            return true;
+        }
+        let Some(every) = inv.rollout.upgrade_every else {
+            return false;
+        };
+        let last = self
+            .state
+            .last_upgrade
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok());
+        match last {
+            None => true,
+            Some(t) => {
+                SystemTime::now()
+                    .duration_since(t)
+                    .unwrap_or(Duration::ZERO)
+                    >= every
+            }
+        }
+    }
+
+    /// Steps 3 (land) to 5, and the switch.
+    fn apply(
+        &mut self,
+        t: Target,
+        diff: Option<String>,
+        why: &str,
+        upgrade: bool,
+    ) -> anyhow::Result<Outcome> {
+        let c = short(Some(&t.commit));
+        match &diff {
+            Some(d) => {
+                info!(host = %t.host, commit = %c, "{} modified: ({why})", t.host);
+                for line in d.lines() {
+                    info!(host = %t.host, commit = %c, "  {line}");
+                }
+            }
+            None => {
+                info!(host = %t.host, commit = %c, "{}: building the configuration again ({why})", t.host)
+            }
+        }
+        self.write_token(&t)?;
+        if upgrade {
+            if let Some(channel) = &t.channel {
+                info!(host = %t.host, commit = %c, "following channel {channel} on {}", t.host);
+                if let Err(e) = self.nixos.set_channel(channel) {
+                    let msg = e.to_string();
+                    error!(host = %t.host, commit = %c, "{msg}");
+                    return self.finish(Outcome::Failed, Some(&t.commit), msg);
+                }
+            }
+        }
+        // Land: keep the previous file, record the phase, then write the new one.
+        let config = self.nixos.config.clone();
+        let had_previous = config.exists();
+        if had_previous {
+            let previous = std::fs::read(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?;
+            state::write_atomic(&self.previous_path(), &previous, 0o600)?;
+        }
+        self.state.phase = Phase::Building {
+            commit: t.commit.clone(),
+            had_previous,
+            upgrade,
+        };
+        self.save()?;
+        if let Some(dir) = config.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        state::write_atomic(&config, t.rendered.as_bytes(), 0o644)?;
+        info!(host = %t.host, commit = %c, "Rebuilding NixOS on {}", t.host);
+        let system = match self.nixos.build(upgrade) {
+            Ok(s) => s,
+            Err(e) => return self.reject(&t, had_previous, e.tail),
+        };
+        if upgrade {
+            self.state.channel = t.channel.clone();
+            self.state.last_upgrade = Some(state::now());
+        }
+        self.state.phase = Phase::Built {
+            commit: t.commit.clone(),
+            system: system.clone(),
+        };
+        self.save()?;
+        if !system::has_agent_unit(&system) {
+            return self.reject(&t, had_previous, format!("the new system {system} has no nk3-agent.service: it would stop nk3 from managing this node (does configuration.nix still import ./nk3.nix?)"));
+        }
+        if self.nixos.current().as_deref() == Some(system.as_str()) {
+            self.state.phase = Phase::Idle;
+            self.state.applied = Some(t.commit.clone());
+            self.state.applied_system = Some(system);
+            info!(host = %t.host, commit = %c, "No action needed on {}: it already runs this system", t.host);
+            return self.finish(
+                Outcome::NoChange,
+                Some(&t.commit),
+                format!("No action needed on {}", t.host),
+            );
+        }
+        // Here a node of a running cluster takes the rollout lease, checks the cluster's
+        // health and drains itself before going on (DESIGN section 6, steps 6 to 8). A node
+        // without cluster coordination, or one whose k3s never ran, switches directly.
+        self.switch(&t, system)
+    }
+
+    /// Step 9 without the cluster: switch, or boot and reboot.
+    fn switch(&mut self, t: &Target, system: String) -> anyhow::Result<Outcome> {
+        let c = short(Some(&t.commit));
+        let reasons = self.nixos.reboot_reasons(&system);
+        let reboot = t.reboot == RebootPolicy::Always || !reasons.is_empty();
+        self.state.phase = Phase::Switching {
+            commit: t.commit.clone(),
+            system: system.clone(),
+            reboot,
+        };
+        self.save()?;
+        if reboot {
+            if let Err(e) = self.nixos.boot() {
+                return self.switch_failed(t, e.to_string());
+            }
+            let boot_id = self.nixos.boot_id()?;
+            self.state.phase = Phase::Rebooting {
+                commit: t.commit.clone(),
+                system,
+                boot_id,
+            };
+            self.save()?;
+            let why = if reasons.is_empty() {
+                "reboot: always".to_string()
+            } else {
+                format!("{} changed", reasons.join(", "))
+            };
+            info!(host = %t.host, commit = %c, "Rebooting {} ({why})", t.host);
+            if let Err(e) = self.nixos.reboot() {
+                // Stay in the rebooting phase: the next pass asks again.
+                error!(host = %t.host, commit = %c, "{e}");
+                return self.finish(Outcome::Failed, Some(&t.commit), e.to_string());
+            }
+            return self.finish(
+                Outcome::Rebooting,
+                Some(&t.commit),
+                format!("rebooting into commit {c} ({why})"),
+            );
+        }
+        if let Err(e) = self.nixos.switch() {
+            return self.switch_failed(t, e.to_string());
+        }
+        self.state.phase = Phase::Idle;
+        self.state.applied = Some(t.commit.clone());
+        self.state.applied_system = Some(system);
+        info!(host = %t.host, commit = %c, "{} switched to commit {c}", t.host);
+        self.finish(
+            Outcome::Applied,
+            Some(&t.commit),
+            format!("applied commit {c}"),
+        )
+    }
+
+    fn switch_failed(&mut self, t: &Target, msg: String) -> anyhow::Result<Outcome> {
+        error!(host = %t.host, commit = %short(Some(&t.commit)), "{msg}");
+        self.state.phase = Phase::Idle;
+        self.finish(Outcome::Failed, Some(&t.commit), msg)
+    }
+
+    /// A build Nix refused: the previous file goes back, byte for byte.
+    fn reject(&mut self, t: &Target, had_previous: bool, error: String) -> anyhow::Result<Outcome> {
+        self.restore(had_previous)?;
+        let c = short(Some(&t.commit));
+        error!(host = %t.host, commit = %c, "commit {c} rejected on {}: {error}", t.host);
+        warn!(host = %t.host, commit = %c, "Changes reverted on {}: configuration.nix is back to what it was", t.host);
+        self.state.rejected = Some(Rejected {
+            commit: t.commit.clone(),
+            error: error.clone(),
+            at: state::now(),
+        });
+        self.state.phase = Phase::Idle;
+        self.finish(
+            Outcome::Rejected,
+            Some(&t.commit),
+            format!("commit {c} rejected: {error}"),
+        )
+    }
+
+    fn previous_path(&self) -> PathBuf {
+        self.settings.state_dir.join(PREVIOUS_CONFIG)
+    }
+
+    /// Puts the previous configuration.nix back (or removes the new one if there was none).
+    fn restore(&self, had_previous: bool) -> anyhow::Result<()> {
+        let config = &self.nixos.config;
+        if had_previous {
+            let previous = std::fs::read(self.previous_path()).with_context(|| {
+                format!("cannot read the saved {}", self.previous_path().display())
+            })?;
+            state::write_atomic(config, &previous, 0o644)
+        } else {
+            match std::fs::remove_file(config) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("cannot remove {}", config.display())),
+            }
+        }
+    }
+
+    /// Writes the token file k3s reads (mode 0600), when its content changes.
+    fn write_token(&self, t: &Target) -> anyhow::Result<()> {
+        let token = match &t.token {
+            None => return Ok(()),
+            Some(TokenSource::Inline(s)) => s.clone(),
+            Some(TokenSource::File(f)) => std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read join_token_file {}", f.display()))?
+                .trim()
+                .to_string(),
+        };
+        let path = self.settings.state_dir.join(TOKEN_FILE_NAME);
+        let wanted = format!("{token}\n");
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(wanted.as_str()) {
+            return Ok(());
+        }
+        state::write_atomic(&path, wanted.as_bytes(), 0o600)
+    }
+}
+
+/// Every secret value of the inventory, for redaction.
+fn secrets(inv: &Inventory) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(t) = &inv.join_token {
+        out.push(t.expose().to_string());
+    }
+    if let Some(f) = &inv.join_token_file {
+        if let Ok(t) = std::fs::read_to_string(f) {
+            out.push(t.trim().to_string());
+        }
+    }
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// A unified diff from `old` to `new`, with every secret replaced by `<redacted>`, and
+/// string values of keys that name a token, password or secret hidden too (a hand-edited
+/// file may carry them).
+pub fn diff(old: &str, new: &str, secrets: &[String]) -> String {
+    let d = similar::TextDiff::from_lines(old, new);
+    let text = d
+        .unified_diff()
+        .context_radius(3)
+        .header(
+            "configuration.nix (on disk)",
+            "configuration.nix (rendered)",
+        )
+        .to_string();
+    redact(&text, secrets)
+}
+
+/// Hides secrets in text for logs and status.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        out = out.replace(s.as_str(), "<redacted>");
+    }
+    out.lines()
+        .map(redact_assignment)
+        .collect::<Vec<_>>()
+        .join("\n")
+        + if out.ends_with('\n') { "\n" } else { "" }
+}
+
+/// `token = "…";` (and password, secret) with the string hidden.
+fn redact_assignment(line: &str) -> String {
+    let lower = line.to_ascii_lowercase();
+    let named = ["token", "password", "secret"]
+        .iter()
+        .any(|k| lower.split('=').next().is_some_and(|lhs| lhs.contains(k)));
+    if !named || lower.contains("tokenfile") || lower.contains("passwordfile") {
+        return line.to_string();
+    }
+    match (line.find('"'), line.rfind('"')) {
+        (Some(a), Some(b)) if b > a => format!("{}\"<redacted>\"{}", &line[..a], &line[b + 1..]),
+        _ => line.to_string(),
+    }
+}
+
+/// A commit for logs: its first 12 characters, or `none`.
+pub fn short(commit: Option<&str>) -> &str {
+    match commit {
+        Some(c) => &c[..c.len().min(12)],
+        None => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diffs_hide_the_token_and_token_like_assignments() {
+        let old = "{\n  services.k3s.token = \"abc123\";\n  x = 1;\n}\n";
+        let new = "{\n  services.k3s.tokenFile = \"/var/lib/nk3-agent/join-token\";\n  x = 2; # abc123\n}\n";
+        let d = diff(old, new, &["abc123".to_string()]);
+        assert!(!d.contains("abc123"), "{d}");
+        assert!(d.contains("-  services.k3s.token = \"<redacted>\";"), "{d}");
+        assert!(
+            d.contains("+  services.k3s.tokenFile = \"/var/lib/nk3-agent/join-token\";"),
+            "{d}"
+        );
+        assert!(d.contains("+  x = 2; # <redacted>"), "{d}");
+    }
+
+    #[test]
+    fn short_commits() {
+        assert_eq!(short(Some("0123456789abcdef")), "0123456789ab");
+        assert_eq!(short(None), "none");
+    }
+}
