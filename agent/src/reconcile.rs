@@ -29,6 +29,8 @@ pub struct Agent {
     source: Source,
     nixos: Nixos,
     signers: Signers,
+    /// Log "No action needed" on every pass (`run --once`), not only the first for a commit.
+    pub report_idle: bool,
     /// What the agent remembers; saved before every side effect.
     pub state: State,
 }
@@ -129,6 +131,7 @@ impl Agent {
             source,
             nixos,
             signers,
+            report_idle: false,
             state,
         })
     }
@@ -237,7 +240,7 @@ impl Agent {
                 self.write_token(&t)?;
                 let first = self.state.applied.as_deref() != Some(&t.commit)
                     || self.state.last.as_ref().map(|l| l.outcome) != Some(Outcome::NoChange);
-                if first {
+                if first || self.report_idle {
                     info!(host = %t.host, commit = %short(Some(&t.commit)), "No action needed on {}", t.host);
                 } else {
                     debug!(host = %t.host, commit = %short(Some(&t.commit)), "No action needed on {}", t.host);
@@ -366,13 +369,14 @@ impl Agent {
                 "{r}; keeping commit {}",
                 short(self.state.applied.as_deref())
             );
-            if self.state.source_problem.as_deref() != Some(msg.as_str()) {
+            if self.state.refused_head.as_deref() != Some(msg.as_str()) {
                 error!(host = %self.host(), commit = %short(Some(&head.commit)), "{msg}");
-                self.state.source_problem = Some(msg);
+                self.state.refused_head = Some(msg);
             }
             self.save()?;
             return Ok(self.state.fetched.clone());
         }
+        self.state.refused_head = None;
         self.state.fetched = Some(head.commit.clone());
         Ok(Some(head.commit))
     }

@@ -156,6 +156,8 @@ pub struct State {
     pub rejected: Option<Rejected>,
     /// The current problem reaching the repository, reported once when it starts.
     pub source_problem: Option<String>,
+    /// Why the branch's head is not taken (rewritten branch, bad signature), reported once.
+    pub refused_head: Option<String>,
     /// The channel `nixos` was last set to.
     pub channel: Option<String>,
     /// When the last `--upgrade` build succeeded (RFC 3339).
@@ -178,6 +180,7 @@ impl Default for State {
             last: None,
             rejected: None,
             source_problem: None,
+            refused_head: None,
             channel: None,
             last_upgrade: None,
             next_poll: None,

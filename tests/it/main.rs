@@ -1,8 +1,10 @@
 //! End-to-end tests: the real `nk3-agent` binary, real Nix (`nix-instantiate` from Debian's
 //! nix-bin), real files in temporary directories.
 
+mod agent;
 mod bad_inventories;
 mod cli;
+mod fixtures;
 mod golden;
 mod injection;
 mod nix_eval;

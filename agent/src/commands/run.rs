@@ -29,6 +29,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut agent = Agent::new(settings, st)?;
     if args.once {
+        agent.report_idle = true;
         let outcome = pass(&mut agent);
         return Ok(match outcome {
             Some(Outcome::NoChange | Outcome::Applied | Outcome::Rebooting) => ExitCode::SUCCESS,

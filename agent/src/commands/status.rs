@@ -109,6 +109,9 @@ fn print_human(dir: &std::path::Path, running: bool, st: Option<&State>, host: &
             if let Some(p) = &s.source_problem {
                 row("repository", &format!("problem: {p}"));
             }
+            if let Some(p) = &s.refused_head {
+                row("refused", p);
+            }
             if let Some(c) = &s.channel {
                 let when = s.last_upgrade.as_deref().unwrap_or("never");
                 row("channel", &format!("{c} (last upgrade {when})"));

@@ -1,0 +1,556 @@
+//! `nk3-agent run`, `status` and `plan` on simulated nodes against real git repositories.
+
+use crate::fixtures::{Daemon, Node, Repo};
+use crate::support::{nk3, run, stderr, stdout};
+
+/// The seed's inventory with `reboot: when-needed`, so that a change switches in place.
+fn inventory(extra_node_key: &str) -> String {
+    format!(
+        "cluster:
+  join_address: 172.30.190.3
+  join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55
+  default_gateway: 172.30.190.1
+  rollout:
+    reboot: when-needed
+  nodes:
+    172.30.190.3:
+      initiator: true
+      interface: enp3s0f0
+      boot_device: /dev/nvme0n1
+    172.30.190.4:
+      initiator: false
+      interface: enp3s0f0
+      boot_device: /dev/nvme0n1{extra_node_key}
+"
+    )
+}
+
+const HOST3: &str = "d6c27852-4d1c-5830-8e94-40b76fa2b5ec";
+const TOKEN: &str = "2f909ce8-cae1-439a-86b3-da87b7ee9f55";
+
+/// What `nk3-agent render` gives for node .3 at `commit` of `repo`.
+fn rendered(node: &Node, inventory: &str, commit: &str) -> String {
+    let file = node.root.join("expected-inventory.yaml");
+    std::fs::write(&file, inventory).unwrap();
+    let o = run(nk3()
+        .args(["render", "--node", "172.30.190.3", "--inventory"])
+        .arg(&file)
+        .args([
+            "--repository",
+            &node.repo,
+            "--commit",
+            commit,
+            "--state-dir",
+        ])
+        .arg(node.root.join("var/lib/nk3-agent")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+}
+
+#[test]
+fn first_pass_clones_renders_builds_and_switches() {
+    let inv = inventory("");
+    let repo = Repo::with_inventory(&inv);
+    let node = Node::new(&repo.url(), "172.30.190.3");
+    let log = node.pass_ok();
+    let head = repo.head();
+    assert_eq!(node.config(), rendered(&node, &inv, &head));
+    assert!(log.contains(&format!("{HOST3} modified:")), "{log}");
+    assert!(
+        log.contains(&format!("Rebuilding NixOS on {HOST3}")),
+        "{log}"
+    );
+    assert!(log.contains(&format!("commit={}", &head[..12])), "{log}");
+    assert!(
+        !log.contains(TOKEN),
+        "the token leaked into the log:\n{log}"
+    );
+    // The agent's argv, as the stand-in recorded it: build, then switch (when-needed, and the
+    // kernel did not change... the installer's kernel differs, so it reboots).
+    let calls = node.calls("nixos-rebuild");
+    assert_eq!(
+        calls[0],
+        "build -I nixos-config=$ROOT/etc/nixos/configuration.nix"
+    );
+    // The previous file is kept.
+    assert_eq!(
+        std::fs::read_to_string(node.root.join("var/lib/nk3-agent/configuration.nix.previous"))
+            .unwrap(),
+        "# written by the installer\n{ ... }: { imports = [ ./hardware-configuration.nix ./nk3.nix ]; }\n"
+    );
+    // The token file k3s reads: the token, mode 0600.
+    let token = node.root.join("var/lib/nk3-agent/join-token");
+    assert_eq!(
+        std::fs::read_to_string(&token).unwrap(),
+        format!("{TOKEN}\n")
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+/// Brings a fresh node to the repository's head (through the reboot the installer's kernel
+/// forces) and clears the call logs.
+fn converged(repo: &Repo) -> Node {
+    let node = Node::new(&repo.url(), "172.30.190.3");
+    node.pass_ok();
+    node.pass_ok();
+    let st = node.state();
+    assert_eq!(st["phase"]["name"], "idle", "{st}");
+    assert_eq!(st["applied"], repo.head().as_str(), "{st}");
+    node.clear_calls();
+    node
+}
+
+#[test]
+fn a_new_kernel_reboots_and_the_next_start_finishes() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = Node::new(&repo.url(), "172.30.190.3");
+    let log = node.pass_ok();
+    // The installer's kernel differs from the built one: boot + reboot, not switch.
+    assert_eq!(
+        node.calls("nixos-rebuild"),
+        [
+            "build -I nixos-config=$ROOT/etc/nixos/configuration.nix",
+            "boot -I nixos-config=$ROOT/etc/nixos/configuration.nix"
+        ]
+    );
+    assert_eq!(node.calls("systemctl"), ["reboot"]);
+    assert!(
+        log.contains(&format!(
+            "Rebooting {HOST3} (kernel, initrd, kernel modules changed)"
+        )),
+        "{log}"
+    );
+    assert_eq!(node.state()["phase"]["name"], "rebooting");
+    let log = node.pass_ok();
+    assert!(log.contains(&format!("{HOST3} is up on commit")), "{log}");
+    let st = node.state();
+    assert_eq!(st["phase"]["name"], "idle");
+    assert_eq!(st["applied"], repo.head().as_str());
+    assert_eq!(
+        st["applied_system"],
+        node.current_system().display().to_string().as_str()
+    );
+}
+
+#[test]
+fn reboot_always_reboots_even_when_a_switch_would_do() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let always = inventory("").replace("when-needed", "always").replace(
+        "boot_device: /dev/nvme0n1\n    172.30.190.4",
+        "boot_device: /dev/nvme0n1\n      vars: { x: 1 }\n    172.30.190.4",
+    );
+    repo.commit(
+        "inventory.yaml",
+        &always.replace(
+            "join_address: 172.30.190.3",
+            "join_address: 172.30.190.3\n  nameservers: [ 9.9.9.9 ]",
+        ),
+        "dns",
+    );
+    let log = node.pass_ok();
+    assert!(log.contains("(reboot: always)"), "{log}");
+    assert_eq!(node.calls("systemctl"), ["reboot"]);
+}
+
+#[test]
+fn an_unchanged_commit_needs_no_action() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let log = node.pass_ok();
+    assert!(
+        log.contains(&format!("No action needed on {HOST3}")),
+        "{log}"
+    );
+    assert!(node.calls("nixos-rebuild").is_empty());
+}
+
+#[test]
+fn a_new_commit_is_applied_by_switching() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let before = node.current_system();
+    let changed = inventory("").replace(
+        "default_gateway: 172.30.190.1",
+        "default_gateway: 172.30.190.1\n  nameservers: [ 9.9.9.9 ]",
+    );
+    let head = repo.commit("inventory.yaml", &changed, "use another resolver");
+    let log = node.pass_ok();
+    assert!(
+        log.contains("+  networking.nameservers = [ \"9.9.9.9\" ];"),
+        "{log}"
+    );
+    assert_eq!(
+        node.calls("nixos-rebuild"),
+        [
+            "build -I nixos-config=$ROOT/etc/nixos/configuration.nix",
+            "switch -I nixos-config=$ROOT/etc/nixos/configuration.nix"
+        ]
+    );
+    assert!(
+        node.calls("systemctl").is_empty(),
+        "no reboot for a DNS change"
+    );
+    assert_ne!(node.current_system(), before);
+    assert_eq!(node.config(), rendered(&node, &changed, &head));
+    assert_eq!(node.state()["applied"], head.as_str());
+}
+
+#[test]
+fn a_change_to_another_node_needs_no_action_here() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let before = node.config();
+    let other = inventory("\n      k3s_extra_flags: [ --node-label=disk=ssd ]");
+    let head = repo.commit("inventory.yaml", &other, "label .4");
+    let log = node.pass_ok();
+    assert!(
+        log.contains(&format!("No action needed on {HOST3}")),
+        "{log}"
+    );
+    assert!(node.calls("nixos-rebuild").is_empty());
+    assert_eq!(node.config(), before, "the file is left alone");
+    assert_eq!(node.state()["applied"], head.as_str());
+}
+
+#[test]
+fn a_rewritten_branch_is_refused_unless_allowed() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut node = converged(&repo);
+    repo.commit(
+        "inventory.yaml",
+        &inventory("").replace("enp3s0f0", "eno1"),
+        "second",
+    );
+    node.pass_ok();
+    let applied = repo.head();
+    let rewritten = repo.force_push(&inventory("").replace("enp3s0f0", "eno2"));
+    let o = node.run_once();
+    let log = stderr(&o);
+    assert!(log.contains("was rewritten"), "{log}");
+    assert!(log.contains("--allow-force-push"), "{log}");
+    assert!(node.calls("nixos-rebuild").iter().all(|c| !c.is_empty()));
+    assert_eq!(node.state()["applied"], applied.as_str());
+    assert!(!node.config().contains("eno2"));
+    // Reported once, not on every poll.
+    let again = stderr(&node.run_once());
+    assert!(!again.contains("was rewritten"), "{again}");
+    node.env
+        .push(("NK3_ALLOW_FORCE_PUSH".into(), "true".into()));
+    node.pass_ok();
+    assert!(node.config().contains("\"eno2\""));
+    assert_eq!(node.state()["applied"], rewritten.as_str());
+}
+
+#[test]
+fn an_unreachable_remote_keeps_the_node_as_it_is_and_is_reported_once() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut daemon = Daemon::serve(&repo);
+    let node = Node::new(&daemon.url(), "172.30.190.3");
+    node.pass_ok();
+    node.pass_ok();
+    let applied = node.state()["applied"].clone();
+    daemon.stop();
+    let config = node.config();
+    let log = node.pass_ok();
+    assert!(log.contains("cannot reach git://127.0.0.1"), "{log}");
+    assert_eq!(node.config(), config);
+    assert_eq!(node.state()["applied"], applied);
+    let status = run(&mut node.agent(&["status"]));
+    assert!(
+        stdout(&status).contains("cannot reach"),
+        "{}",
+        stdout(&status)
+    );
+    let log = node.pass_ok();
+    assert!(!log.contains("cannot reach"), "reported again:\n{log}");
+    daemon.start();
+    let head = repo.commit(
+        "inventory.yaml",
+        &inventory("").replace("enp3s0f0", "eno1"),
+        "while it was down",
+    );
+    let log = node.pass_ok();
+    assert!(log.contains("answers again"), "{log}");
+    assert_eq!(node.state()["applied"], head.as_str());
+}
+
+#[test]
+fn a_broken_clone_is_cloned_again() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let objects = node.root.join("var/lib/nk3-agent/repo/objects");
+    std::fs::remove_dir_all(&objects).unwrap();
+    std::fs::create_dir_all(&objects).unwrap();
+    let head = repo.commit(
+        "inventory.yaml",
+        &inventory("").replace("enp3s0f0", "eno1"),
+        "after the damage",
+    );
+    let log = node.pass_ok();
+    assert!(log.contains("was broken"), "{log}");
+    assert_eq!(node.state()["applied"], head.as_str());
+}
+
+#[test]
+fn a_bad_inventory_is_not_applied_and_status_says_why() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let config = node.config();
+    let bad = inventory("").replace("initiator: false", "initiator: true");
+    let bad_commit = repo.commit("inventory.yaml", &bad, "two initiators");
+    let o = node.run_once();
+    assert!(!o.status.success());
+    let log = stderr(&o);
+    assert!(
+        log.contains(&format!("inventory.yaml@{}:", &bad_commit[..12])),
+        "{log}"
+    );
+    assert!(log.contains("initiator"), "{log}");
+    assert!(node.calls("nixos-rebuild").is_empty());
+    assert_eq!(node.config(), config);
+    let status = run(&mut node.agent(&["status", "--json"]));
+    assert!(
+        !status.status.success(),
+        "status exits 1 after a refused commit"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["state"]["last"]["outcome"], "refused");
+    assert!(v["state"]["last"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("problem"));
+}
+
+#[test]
+fn a_config_nix_rejects_is_undone_and_a_later_commit_applies() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let before = std::fs::read(node.config_path()).unwrap();
+    let system = node.current_system();
+    // A custom template with a Nix syntax error: real Nix (nix-instantiate --parse in the
+    // stand-in) refuses it.
+    repo.commit(
+        "broken.nix.hbs",
+        "{ config, ... }: {\n  networking.hostName = {{node.hostname}}\n",
+        "template",
+    );
+    let with_template =
+        inventory("").replace("  rollout:", "  template: broken.nix.hbs\n  rollout:");
+    let bad = repo.commit("inventory.yaml", &with_template, "use the template");
+    let o = node.run_once();
+    assert!(!o.status.success());
+    let log = stderr(&o);
+    assert!(log.contains("rejected"), "{log}");
+    assert!(log.contains("Changes reverted"), "{log}");
+    assert_eq!(
+        std::fs::read(node.config_path()).unwrap(),
+        before,
+        "restored byte for byte"
+    );
+    assert_eq!(node.current_system(), system);
+    let st = node.state();
+    assert_eq!(st["rejected"]["commit"], bad.as_str());
+    assert!(
+        st["rejected"]["error"].as_str().unwrap().contains("error"),
+        "{st}"
+    );
+    // Not built again on the next poll.
+    node.clear_calls();
+    assert!(!node.run_once().status.success());
+    assert!(node.calls("nixos-rebuild").is_empty());
+    // A fix applies.
+    repo.commit("broken.nix.hbs", "{ config, ... }: {\n  imports = [ ./nk3.nix ];\n  networking.hostName = {{node.hostname}};\n}\n", "fix the template");
+    let good = repo.head();
+    node.pass_ok();
+    assert_eq!(node.state()["applied"], good.as_str());
+    assert!(node.config().contains("networking.hostName = \"d6c27852"));
+}
+
+#[test]
+fn a_system_without_the_agent_is_refused() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let before = node.config();
+    repo.commit(
+        "lonely.nix.hbs",
+        "# nk3-test: no-agent\n{ ... }: { networking.hostName = {{node.hostname}}; }\n",
+        "template",
+    );
+    repo.commit(
+        "inventory.yaml",
+        &inventory("").replace("  rollout:", "  template: lonely.nix.hbs\n  rollout:"),
+        "drop the agent",
+    );
+    let log = stderr(&node.run_once());
+    assert!(log.contains("no nk3-agent.service"), "{log}");
+    assert_eq!(node.config(), before);
+    assert!(node
+        .calls("nixos-rebuild")
+        .iter()
+        .all(|c| c.starts_with("build")));
+}
+
+#[test]
+fn a_hand_edit_is_repaired() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let good = node.config();
+    let system = node.current_system();
+    std::fs::write(
+        node.config_path(),
+        good.replace(
+            "networking.useDHCP = false;",
+            "networking.useDHCP = false;\n  services.k3s.token = \"hand-typed-secret\";",
+        ),
+    )
+    .unwrap();
+    let log = node.pass_ok();
+    assert!(log.contains("changed by hand"), "{log}");
+    assert!(
+        log.contains("-  services.k3s.token = \"<redacted>\";"),
+        "{log}"
+    );
+    assert!(!log.contains("hand-typed-secret"), "{log}");
+    assert_eq!(node.config(), good);
+    assert_eq!(node.current_system(), system, "same file, same system");
+}
+
+#[test]
+fn a_second_agent_refuses_to_start() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = Node::new(&repo.url(), "172.30.190.3");
+    let mut first = node
+        .agent(&["run"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = node.root.join("var/lib/nk3-agent/lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != first.id().to_string() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first agent never took the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("another nk3-agent (pid {})", first.id())),
+        "{}",
+        stderr(&o)
+    );
+    let status = stdout(&run(&mut node.agent(&["status"])));
+    assert!(status.contains("agent        running"), "{status}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+#[test]
+fn status_and_plan_tell_an_operator_what_is_going_on() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let status = run(&mut node.agent(&["status"]));
+    let text = stdout(&status);
+    assert!(status.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("node         172.30.190.3 ({HOST3})")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("applied      {}", repo.head())),
+        "{text}"
+    );
+    assert!(text.contains("phase        idle"), "{text}");
+    assert!(text.contains("agent        not running"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&run(&mut node.agent(&["status", "--json"])).stdout).unwrap();
+    assert_eq!(json["state"]["host"], HOST3);
+    assert!(json["host"]["memory_total_bytes"].as_u64().unwrap() > 0);
+
+    let plan = run(&mut node.agent(&["plan"]));
+    assert_eq!(plan.status.code(), Some(0), "{}", stdout(&plan));
+    assert!(stdout(&plan).contains(&format!("No action needed on {HOST3}")));
+    let changed = inventory("").replace("enp3s0f0", "eno1");
+    repo.commit("inventory.yaml", &changed, "rename the interface");
+    let plan = run(&mut node.agent(&["plan"]));
+    let text = stdout(&plan);
+    assert_eq!(plan.status.code(), Some(2), "{text}");
+    assert!(text.contains(&format!("{HOST3} modified:")), "{text}");
+    assert!(
+        text.contains("-  networking.interfaces.\"enp3s0f0\""),
+        "{text}"
+    );
+    assert!(text.contains("+  networking.interfaces.\"eno1\""), "{text}");
+    assert!(!text.contains(TOKEN));
+    assert!(
+        node.calls("nixos-rebuild").is_empty(),
+        "plan changes nothing"
+    );
+    assert_eq!(node.state()["applied"], json["state"]["applied"]);
+}
+
+#[test]
+fn under_systemd_lines_carry_priority_host_and_commit_and_no_timestamp() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let o = node
+        .agent(&["run", "--once"])
+        .env("JOURNAL_STREAM", "8:12345")
+        .output()
+        .unwrap();
+    let log = stderr(&o);
+    let line = log
+        .lines()
+        .find(|l| l.contains("No action needed"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.starts_with("<6>No action needed on "), "{line}");
+    assert!(line.contains(&format!("host={HOST3}")), "{line}");
+    assert!(
+        line.contains(&format!("commit={}", &repo.head()[..12])),
+        "{line}"
+    );
+    assert!(!line.contains('\u{1b}'), "no colours: {line:?}");
+}
+
+#[test]
+fn a_changed_channel_upgrades_through_the_same_pipeline() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let with_channel = inventory("").replace(
+        "default_gateway: 172.30.190.1",
+        "default_gateway: 172.30.190.1\n  nix_channel: nixos-24.05",
+    );
+    repo.commit("inventory.yaml", &with_channel, "follow 24.05");
+    node.pass_ok();
+    assert_eq!(
+        node.calls("nix-channel"),
+        ["--add https://nixos.org/channels/nixos-24.05 nixos"]
+    );
+    assert_eq!(
+        node.calls("nixos-rebuild")[0],
+        "build --upgrade -I nixos-config=$ROOT/etc/nixos/configuration.nix"
+    );
+    assert_eq!(node.state()["channel"], "nixos-24.05");
+    node.clear_calls();
+    node.pass_ok();
+    assert!(
+        node.calls("nixos-rebuild").is_empty(),
+        "no upgrade until the channel changes"
+    );
+    // upgrade_every: a due upgrade rebuilds even though nothing else changed.
+    let every = with_channel.replace(
+        "    reboot: when-needed",
+        "    reboot: when-needed\n    upgrade_every: 1s",
+    );
+    repo.commit("inventory.yaml", &every, "upgrade daily");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    node.pass_ok();
+    assert_eq!(
+        node.calls("nixos-rebuild")[0],
+        "build --upgrade -I nixos-config=$ROOT/etc/nixos/configuration.nix"
+    );
+}
