@@ -443,7 +443,12 @@ impl Agent {
             on_disk.as_deref().map(render::body) == Some(render::body(&target.rendered));
         let upgrade = self.upgrade_due(&inv);
         let running = self.nixos.current();
-        let confirmed = self.state.applied_system.is_some() && running == self.state.applied_system;
+        // What runs is what the file declares only if the last pass finished (an interrupted
+        // one may have landed the file without switching) and nothing changed the system
+        // since (a rollback by hand, a reboot into another generation).
+        let confirmed = self.state.phase == Phase::Idle
+            && self.state.applied_system.is_some()
+            && running == self.state.applied_system;
         if same_file && !upgrade && confirmed {
             return Ok(Decision::UpToDate(target));
         }

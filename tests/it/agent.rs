@@ -554,3 +554,88 @@ fn a_changed_channel_upgrades_through_the_same_pipeline() {
         "build --upgrade -I nixos-config=$ROOT/etc/nixos/configuration.nix"
     );
 }
+
+/// What a node ended in, with its own root taken out of paths, to compare two nodes.
+fn end_state(node: &Node) -> (String, String, serde_json::Value, serde_json::Value) {
+    let root = node.root.display().to_string();
+    let st = node.state();
+    (
+        node.config().replace(&root, ""),
+        node.current_system()
+            .display()
+            .to_string()
+            .replace(&root, ""),
+        st["applied"].clone(),
+        st["phase"].clone(),
+    )
+}
+
+/// Kills the agent (SIGKILL, from the stand-in it is running) at `point`, restarts it until it
+/// settles, and checks the node ends exactly as a node that was never interrupted.
+fn killed_at(point: &str, change: &dyn Fn(&str) -> String, reboots: usize) {
+    let repo = Repo::with_inventory(&inventory(""));
+    let calm = converged(&repo);
+    let mut victim = converged(&repo);
+    let head = repo.commit("inventory.yaml", &change(&inventory("")), "change");
+    calm.pass_ok();
+    calm.pass_ok();
+    assert_eq!(calm.state()["applied"], head.as_str());
+    assert_eq!(
+        calm.calls("systemctl").len(),
+        reboots,
+        "{point}: the calm node's reboots"
+    );
+
+    victim.env.push(("NK3_FAKE_KILL".into(), point.into()));
+    let o = victim.run_once();
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(
+        o.status.signal(),
+        Some(9),
+        "{point}: the agent was not killed: {}",
+        stderr(&o)
+    );
+    victim.env.clear();
+    for _ in 0..3 {
+        victim.pass_ok();
+    }
+    assert_eq!(end_state(&victim), end_state(&calm), "{point}");
+    let really_rebooted = victim
+        .calls("systemctl")
+        .iter()
+        .filter(|c| *c == "reboot")
+        .count()
+        - usize::from(point == "reboot-start");
+    assert_eq!(really_rebooted, reboots, "{point}: reboots");
+}
+
+fn new_resolver(inv: &str) -> String {
+    inv.replace(
+        "default_gateway: 172.30.190.1",
+        "default_gateway: 172.30.190.1\n  nameservers: [ 9.9.9.9 ]",
+    )
+}
+
+fn new_kernel_params(inv: &str) -> String {
+    new_resolver(inv).replace("when-needed", "always")
+}
+
+#[test]
+fn killed_at_any_step_of_a_switch_it_ends_as_if_never_interrupted() {
+    for point in ["build-start", "build-end", "switch-start", "switch-end"] {
+        killed_at(point, &new_resolver, 0);
+    }
+}
+
+#[test]
+fn killed_at_any_step_of_a_reboot_it_ends_as_if_never_interrupted() {
+    for point in [
+        "build-start",
+        "build-end",
+        "boot-start",
+        "boot-end",
+        "reboot-start",
+    ] {
+        killed_at(point, &new_kernel_params, 1);
+    }
+}

@@ -81,6 +81,31 @@ impl Repo {
         self.head()
     }
 
+    /// Like [`Repo::commit`], signed with the SSH key `key` (a private key file).
+    pub fn commit_signed(&self, path: &str, text: &str, message: &str, key: &Path) -> String {
+        let file = self.work.join(path);
+        std::fs::write(&file, text).unwrap();
+        git(&self.work, &["add", path]);
+        let signing_key = format!("user.signingkey={}", key.display());
+        git(
+            &self.work,
+            &[
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+                &signing_key,
+                "commit",
+                "-q",
+                "-S",
+                "--allow-empty",
+                "-m",
+                message,
+            ],
+        );
+        git(&self.work, &["push", "-q", "origin", "main"]);
+        self.head()
+    }
+
     /// The work clone's head.
     pub fn head(&self) -> String {
         git(&self.work, &["rev-parse", "HEAD"])

@@ -9,4 +9,5 @@ mod golden;
 mod injection;
 mod nix_eval;
 mod options;
+mod signing;
 mod support;

@@ -1,0 +1,178 @@
+//! What an agent remembers about its node between passes and across crashes: the types of
+//! `state.json`. Reading and writing it (atomically, under a lock) is the agent's job.
+
+use serde::{Deserialize, Serialize};
+
+/// The state file's format version; a file of another version is set aside, not misread.
+pub const VERSION: u32 = 1;
+
+/// Where a node is in applying a commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case")]
+pub enum Phase {
+    /// Nothing under way.
+    #[default]
+    Idle,
+    /// The previous configuration.nix is saved; the new one is being written and built.
+    /// Interrupted here, the previous file is put back and the pass starts over.
+    Building {
+        /// The commit being built.
+        commit: String,
+        /// Whether there was a configuration.nix before (else restoring removes the new one).
+        had_previous: bool,
+        /// Whether the build follows the channel (`--upgrade`).
+        upgrade: bool,
+    },
+    /// The build succeeded; the system is being checked and, if it differs, switched to.
+    Built {
+        /// The commit built.
+        commit: String,
+        /// The built system's store path.
+        system: String,
+    },
+    /// `nixos-rebuild switch` (or `boot`, before a reboot) is running.
+    Switching {
+        /// The commit being switched to.
+        commit: String,
+        /// The system being switched to.
+        system: String,
+        /// Whether the switch waits for a reboot (`nixos-rebuild boot` then reboot).
+        reboot: bool,
+    },
+    /// A reboot was asked for; a new boot id means it happened.
+    Rebooting {
+        /// The commit the reboot brings up.
+        commit: String,
+        /// The system the reboot brings up.
+        system: String,
+        /// The boot id before the reboot.
+        boot_id: String,
+    },
+}
+
+impl Phase {
+    /// A short name for logs and status.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Building { .. } => "building",
+            Phase::Built { .. } => "built",
+            Phase::Switching { .. } => "switching",
+            Phase::Rebooting { .. } => "rebooting",
+        }
+    }
+
+    /// The commit being applied, if any.
+    pub fn commit(&self) -> Option<&str> {
+        match self {
+            Phase::Idle => None,
+            Phase::Building { commit, .. }
+            | Phase::Built { commit, .. }
+            | Phase::Switching { commit, .. }
+            | Phase::Rebooting { commit, .. } => Some(commit),
+        }
+    }
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The node already ran what the commit declares.
+    NoChange,
+    /// A new configuration was built and switched to.
+    Applied,
+    /// The machine is rebooting into the new configuration.
+    Rebooting,
+    /// The commit's configuration was refused (Nix error, or it would remove the agent).
+    Rejected,
+    /// The commit could not be used (bad inventory, refused head, bad signature).
+    Refused,
+    /// This machine is not a node of the inventory.
+    NotANode,
+    /// Something failed that a later pass may get past (repository unreachable, command
+    /// failed).
+    Failed,
+}
+
+/// The last pass's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastResult {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The commit it was about.
+    pub commit: Option<String>,
+    /// One line for people.
+    pub message: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// A commit whose configuration Nix refused. It is not built again; a new commit is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The commit.
+    pub commit: String,
+    /// The error's text (the end of the Nix output).
+    pub error: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// Everything in `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct State {
+    /// Format version.
+    pub version: u32,
+    /// The repository the commits come from.
+    pub repository: Option<String>,
+    /// This machine's node key and hostname, as last identified.
+    pub node: Option<String>,
+    /// The node's hostname.
+    pub host: Option<String>,
+    /// The newest commit accepted from the branch (the base for the fast-forward check).
+    pub fetched: Option<String>,
+    /// The commit whose configuration this node runs.
+    pub applied: Option<String>,
+    /// The system store path that commit built.
+    pub applied_system: Option<String>,
+    /// Where the node is in applying a commit.
+    pub phase: Phase,
+    /// The last pass's result.
+    pub last: Option<LastResult>,
+    /// The last commit Nix refused.
+    pub rejected: Option<Rejected>,
+    /// The current problem reaching the repository, reported once when it starts.
+    pub source_problem: Option<String>,
+    /// Why the branch's head is not taken (rewritten branch, bad signature), reported once.
+    pub refused_head: Option<String>,
+    /// The channel `nixos` was last set to.
+    pub channel: Option<String>,
+    /// When the last `--upgrade` build succeeded (RFC 3339).
+    pub last_upgrade: Option<String>,
+    /// When the next poll is due (RFC 3339).
+    pub next_poll: Option<String>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            version: VERSION,
+            repository: None,
+            node: None,
+            host: None,
+            fetched: None,
+            applied: None,
+            applied_system: None,
+            phase: Phase::Idle,
+            last: None,
+            rejected: None,
+            source_problem: None,
+            refused_head: None,
+            channel: None,
+            last_upgrade: None,
+            next_poll: None,
+        }
+    }
+}
