@@ -639,3 +639,106 @@ fn killed_at_any_step_of_a_reboot_it_ends_as_if_never_interrupted() {
         killed_at(point, &new_kernel_params, 1);
     }
 }
+
+#[test]
+fn a_machine_that_is_no_node_says_so_and_changes_nothing() {
+    let repo = Repo::with_inventory(&inventory(""));
+    // No --node: the agent looks for this machine's UUID, addresses and hostname, and this
+    // test machine has none of the inventory's.
+    let node = Node::new(&repo.url(), "");
+    let before = node.config();
+    let o = node.run_once();
+    assert!(!o.status.success());
+    let log = stderr(&o);
+    assert!(
+        log.contains("this machine is not in the inventory"),
+        "{log}"
+    );
+    assert!(
+        log.contains("idle until the inventory names this machine"),
+        "{log}"
+    );
+    assert_eq!(node.config(), before);
+    assert!(node.calls("nixos-rebuild").is_empty());
+    let status = stdout(&run(&mut node.agent(&["status"])));
+    assert!(status.contains("not a node"), "{status}");
+}
+
+#[test]
+fn a_node_without_interface_or_gateway_takes_them_from_its_default_route() {
+    let inv = "join_address: 172.30.190.3
+join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55
+rollout: { reboot: when-needed }
+nodes:
+  172.30.190.3: { initiator: true, boot_device: /dev/nvme0n1 }
+";
+    let repo = Repo::with_inventory(inv);
+    let node = Node::new(&repo.url(), "172.30.190.3");
+    // Without a default route it cannot render, says what is missing, and changes nothing.
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no `interface` in the inventory and none detected"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(node.config().contains("written by the installer"));
+    // The kernel's table: default route via 172.30.190.1 on eno1.
+    std::fs::write(
+        node.root.join("route"),
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+         eno1\t00000000\t01BE1EAC\t0003\t0\t0\t100\t00000000\t0\t0\t0\n",
+    )
+    .unwrap();
+    node.pass_ok();
+    let config = node.config();
+    assert!(
+        config.contains("networking.interfaces.\"eno1\".ipv4.addresses"),
+        "{config}"
+    );
+    assert!(
+        config.contains(
+            "networking.defaultGateway = { address = \"172.30.190.1\"; interface = \"eno1\"; };"
+        ),
+        "{config}"
+    );
+}
+
+#[test]
+fn the_daemon_picks_up_new_commits_and_stops_cleanly_on_sigterm() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let mut daemon = node
+        .agent(&["run"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let head = repo.commit(
+        "inventory.yaml",
+        &inventory("").replace("enp3s0f0", "eno1"),
+        "pushed while the daemon runs",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while node.state()["applied"] != head.as_str() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never applied {head}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(node.state()["next_poll"].is_string());
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = daemon.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(log.contains("stopping on SIGTERM"), "{log}");
+    assert_eq!(
+        log.matches(&format!("{HOST3} modified:")).count(),
+        1,
+        "{log}"
+    );
+}

@@ -208,7 +208,7 @@ pub struct Node {
     pub root: PathBuf,
     /// The repository URL the agent follows.
     pub repo: String,
-    /// Identity override (`--node`).
+    /// Identity override (`--node`); empty: the agent finds the machine itself.
     pub node: String,
     /// Extra environment for the agent.
     pub env: Vec<(String, String)>,
@@ -271,7 +271,6 @@ impl Node {
         let r = &self.root;
         c.args(args)
             .env("NK3_REPO", &self.repo)
-            .env("NK3_NODE", &self.node)
             .env("NK3_STATE_DIR", r.join("var/lib/nk3-agent"))
             .env("NK3_NIXOS_DIR", r.join("etc/nixos"))
             .env("NK3_NIXOS_REBUILD", bin.join("nixos-rebuild"))
@@ -285,6 +284,9 @@ impl Node {
             .env("NK3_ROUTE6_TABLE", r.join("ipv6_route"))
             .env("NK3_FAKE_ROOT", r)
             .env("NK3_POLL_INTERVAL", "100ms");
+        if !self.node.is_empty() {
+            c.env("NK3_NODE", &self.node);
+        }
         for (k, v) in &self.env {
             c.env(k, v);
         }
