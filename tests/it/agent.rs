@@ -708,7 +708,7 @@ nodes:
 fn the_daemon_picks_up_new_commits_and_stops_cleanly_on_sigterm() {
     let repo = Repo::with_inventory(&inventory(""));
     let node = converged(&repo);
-    let mut daemon = node
+    let daemon = node
         .agent(&["run"])
         .stderr(std::process::Stdio::piped())
         .spawn()
