@@ -100,15 +100,25 @@ impl Source {
         &self.dir
     }
 
-    /// Opens the clone, creating it, or re-creating it when it is broken. The second value
-    /// says why an existing clone was replaced.
-    pub fn open(&self) -> anyhow::Result<(Repository, Option<String>)> {
+    /// Opens the clone, creating it, or re-creating it when it is broken and `repair` is
+    /// set (only the agent that holds the state lock repairs). The second value says why an
+    /// existing clone was replaced.
+    pub fn open(&self, repair: bool) -> anyhow::Result<(Repository, Option<String>)> {
         let mut replaced = None;
         if self.dir.exists() {
             match Repository::open_bare(&self.dir).and_then(|r| check_health(&r).map(|()| r)) {
                 Ok(repo) => {
-                    self.point_at_url(&repo)?;
+                    if repair {
+                        self.point_at_url(&repo)?;
+                    }
                     return Ok((repo, None));
+                }
+                Err(e) if !repair => {
+                    bail!(
+                        "the clone in {} is broken ({}); the agent will clone again on its next pass",
+                        self.dir.display(),
+                        e.message()
+                    )
                 }
                 Err(e) => {
                     replaced = Some(e.message().to_string());

@@ -22,6 +22,9 @@ use crate::system::{self, Nixos};
 /// Where the previous configuration.nix is kept when a new one lands.
 pub const PREVIOUS_CONFIG: &str = "configuration.nix.previous";
 
+/// A copy of the configuration.nix the running system was built from.
+pub const APPLIED_CONFIG: &str = "configuration.nix.applied";
+
 /// The agent on one node: its settings, its repository and its remembered state.
 #[derive(Debug)]
 pub struct Agent {
@@ -190,7 +193,7 @@ impl Agent {
         if let Some(outcome) = self.resume()? {
             return Ok(outcome);
         }
-        let (repo, replaced) = self.source.open()?;
+        let (repo, replaced) = self.source.open(true)?;
         if let Some(why) = replaced {
             warn!(host = %self.host(), commit = %short(self.state.fetched.as_deref()), "the clone in {} was broken ({why}); cloned it again", self.source.dir().display());
         }
@@ -299,10 +302,8 @@ impl Agent {
                     self.nixos.reboot()?;
                     return Ok(Some(Outcome::Rebooting));
                 }
-                self.state.phase = Phase::Idle;
                 if self.nixos.current().as_deref() == Some(system.as_str()) {
-                    self.state.applied = Some(commit.clone());
-                    self.state.applied_system = Some(system);
+                    self.record_applied(&commit, system)?;
                     info!(host = %self.host(), commit = %short(Some(&commit)), "{} is up on commit {}", self.host(), short(Some(&commit)));
                     let msg = format!("applied commit {} (after a reboot)", short(Some(&commit)));
                     self.finish(Outcome::Applied, Some(&commit), msg)?;
@@ -316,8 +317,20 @@ impl Agent {
                             .unwrap_or_else(|| "an unknown system".into()),
                         short(Some(&commit))
                     );
+                    // The machine came back on another generation (the boot loader did not
+                    // take the new one, or someone chose another at boot). Put the previous
+                    // file back so the disk matches what runs, and do not try this commit
+                    // again: a reboot loop is worse than a stale node.
+                    let had_previous = self.previous_path().exists();
+                    self.restore(had_previous)?;
                     error!(host = %self.host(), commit = %short(Some(&commit)), "{msg}");
-                    self.finish(Outcome::Failed, Some(&commit), msg)?;
+                    self.state.rejected = Some(Rejected {
+                        commit: commit.clone(),
+                        error: msg.clone(),
+                        at: state::now(),
+                    });
+                    self.state.phase = Phase::Idle;
+                    self.finish(Outcome::Rejected, Some(&commit), msg)?;
                     Ok(None)
                 }
             }
@@ -446,9 +459,11 @@ impl Agent {
         // What runs is what the file declares only if the last pass finished (an interrupted
         // one may have landed the file without switching) and nothing changed the system
         // since (a rollback by hand, a reboot into another generation).
+        let applied_file = std::fs::read_to_string(self.applied_path()).ok();
         let confirmed = self.state.phase == Phase::Idle
             && self.state.applied_system.is_some()
-            && running == self.state.applied_system;
+            && running == self.state.applied_system
+            && applied_file.as_deref().map(render::body) == on_disk.as_deref().map(render::body);
         if same_file && !upgrade && confirmed {
             return Ok(Decision::UpToDate(target));
         }
@@ -629,9 +644,7 @@ impl Agent {
             return self.reject(&t, had_previous, format!("the new system {system} has no nk3-agent.service: it would stop nk3 from managing this node (does configuration.nix still import ./nk3.nix?)"));
         }
         if self.nixos.current().as_deref() == Some(system.as_str()) {
-            self.state.phase = Phase::Idle;
-            self.state.applied = Some(t.commit.clone());
-            self.state.applied_system = Some(system);
+            self.record_applied(&t.commit, system)?;
             info!(host = %t.host, commit = %c, "No action needed on {}: it already runs this system", t.host);
             return self.finish(
                 Outcome::NoChange,
@@ -687,9 +700,7 @@ impl Agent {
         if let Err(e) = self.nixos.switch() {
             return self.switch_failed(t, e.to_string());
         }
-        self.state.phase = Phase::Idle;
-        self.state.applied = Some(t.commit.clone());
-        self.state.applied_system = Some(system);
+        self.record_applied(&t.commit, system)?;
         info!(host = %t.host, commit = %c, "{} switched to commit {c}", t.host);
         self.finish(
             Outcome::Applied,
@@ -698,10 +709,35 @@ impl Agent {
         )
     }
 
+    /// A switch (or boot) that failed: activation may have gone part of the way, so the file
+    /// stays, and the commit is not tried again until a new one arrives.
     fn switch_failed(&mut self, t: &Target, msg: String) -> anyhow::Result<Outcome> {
-        error!(host = %t.host, commit = %short(Some(&t.commit)), "{msg}");
+        let c = short(Some(&t.commit));
+        error!(host = %t.host, commit = %c, "switching {} to commit {c} failed; not trying this commit again: {msg}", t.host);
+        self.state.rejected = Some(Rejected {
+            commit: t.commit.clone(),
+            error: msg.clone(),
+            at: state::now(),
+        });
         self.state.phase = Phase::Idle;
-        self.finish(Outcome::Failed, Some(&t.commit), msg)
+        self.finish(Outcome::Rejected, Some(&t.commit), msg)
+    }
+
+    /// Records that the node runs `commit`'s `system`, and keeps a copy of the file it was
+    /// built from: later passes compare the file on disk with it to notice hand edits and
+    /// files landed by an interrupted pass.
+    fn record_applied(&mut self, commit: &str, system: String) -> anyhow::Result<()> {
+        if let Ok(text) = std::fs::read(&self.nixos.config) {
+            state::write_atomic(&self.applied_path(), &text, 0o600)?;
+        }
+        self.state.phase = Phase::Idle;
+        self.state.applied = Some(commit.to_string());
+        self.state.applied_system = Some(system);
+        Ok(())
+    }
+
+    fn applied_path(&self) -> PathBuf {
+        self.settings.state_dir.join(APPLIED_CONFIG)
     }
 
     /// A build Nix refused: the previous file goes back, byte for byte.

@@ -742,3 +742,40 @@ fn the_daemon_picks_up_new_commits_and_stops_cleanly_on_sigterm() {
         "{log}"
     );
 }
+
+#[test]
+fn a_reboot_that_comes_back_on_the_old_system_rejects_the_commit_without_a_reboot_loop() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut node = converged(&repo);
+    let before = std::fs::read(node.config_path()).unwrap();
+    let running = node.current_system();
+    let bad = repo.commit(
+        "inventory.yaml",
+        &new_kernel_params(&inventory("")),
+        "needs a reboot",
+    );
+    node.env.push(("NK3_FAKE_BOOT_OLD".into(), "1".into()));
+    node.pass_ok();
+    assert_eq!(node.calls("systemctl"), ["reboot"]);
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("rebooted but runs"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(node.config_path()).unwrap(),
+        before,
+        "the file matches what runs again"
+    );
+    assert_eq!(node.current_system(), running);
+    assert_eq!(node.state()["rejected"]["commit"], bad.as_str());
+    node.run_once();
+    node.run_once();
+    assert_eq!(node.calls("systemctl"), ["reboot"], "no reboot loop");
+    node.env.clear();
+    let fixed = repo.commit(
+        "inventory.yaml",
+        &new_resolver(&inventory("")),
+        "a change that switches",
+    );
+    node.pass_ok();
+    assert_eq!(node.state()["applied"], fixed.as_str());
+}

@@ -14,7 +14,10 @@ use crate::state;
 pub fn run(settings: &AgentArgs) -> anyhow::Result<ExitCode> {
     let st = state::peek(&settings.state_dir)?.unwrap_or_default();
     let agent = Agent::new(settings.clone(), st)?;
-    let (repo, _) = agent.source().open()?;
+    // A running agent owns the clone: plan reads it but leaves repairs to the agent. (With
+    // the agent running, the remote URL the clone uses is the agent's.)
+    let agent_running = state::Lock::held(&settings.state_dir);
+    let (repo, _) = agent.source().open(!agent_running)?;
     let row = |k: &str, v: &str| println!("{k:<10} {v}");
     row(
         "repository",
