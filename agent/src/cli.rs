@@ -160,6 +160,10 @@ pub struct AgentArgs {
     /// This boot's id; a new one means the machine rebooted.
     #[arg(long, value_name = "FILE", env = env_vars::NK3_BOOT_ID_FILE, default_value = "/proc/sys/kernel/random/boot_id")]
     pub boot_id_file: PathBuf,
+    /// How long git may wait to connect to the repository, and for each answer while
+    /// fetching, before the poll is given up (and retried at the next one).
+    #[arg(long, value_name = "DURATION", env = env_vars::NK3_GIT_TIMEOUT, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub git_timeout: std::time::Duration,
     /// SSH private key for an ssh:// repository.
     #[arg(long, value_name = "FILE", env = env_vars::NK3_SSH_KEY_FILE)]
     pub ssh_key_file: Option<PathBuf>,

@@ -51,3 +51,5 @@ pub const NK3_GPG_HOME: &str = "NK3_GPG_HOME";
 pub const NK3_ALLOW_FORCE_PUSH: &str = "NK3_ALLOW_FORCE_PUSH";
 /// Log verbosity.
 pub const NK3_LOG_LEVEL: &str = "NK3_LOG_LEVEL";
+/// How long git may wait on the repository.
+pub const NK3_GIT_TIMEOUT: &str = "NK3_GIT_TIMEOUT";

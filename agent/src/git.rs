@@ -14,6 +14,25 @@ use git2::{
     RemoteCallbacks, Repository,
 };
 
+/// Bounds libgit2's network waits to `timeout` (connecting, and each wait for the server
+/// during a fetch), so a server that accepts a connection and then hangs cannot stall the
+/// agent forever. Call before any other thread starts.
+#[allow(unsafe_code)]
+pub fn set_timeouts(timeout: std::time::Duration) {
+    let ms = i32::try_from(timeout.as_millis())
+        .unwrap_or(i32::MAX)
+        .max(1);
+    // SAFETY: these write libgit2 globals without synchronisation; main() calls this first,
+    // before the runtime or any other thread exists.
+    let result = unsafe {
+        git2::opts::set_server_connect_timeout_in_milliseconds(ms)
+            .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(ms))
+    };
+    if let Err(e) = result {
+        tracing::warn!("cannot bound git's network timeouts: {}", e.message());
+    }
+}
+
 /// How to reach and trust the repository.
 #[derive(Debug, Clone, Default)]
 pub struct Access {

@@ -16,6 +16,15 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    // Parsing the command line starts no thread, so libgit2's globals can still be set.
+    let git_timeout = match &cli.command {
+        cli::Command::Run(a) => Some(a.agent.git_timeout),
+        cli::Command::Plan(a) => Some(a.git_timeout),
+        _ => None,
+    };
+    if let Some(t) = git_timeout {
+        git::set_timeouts(t);
+    }
     let result = match cli.command {
         cli::Command::Run(args) => commands::run::run(*args),
         cli::Command::Status(args) => commands::status::run(&args),

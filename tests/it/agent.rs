@@ -779,3 +779,19 @@ fn a_reboot_that_comes_back_on_the_old_system_rejects_the_commit_without_a_reboo
     node.pass_ok();
     assert_eq!(node.state()["applied"], fixed.as_str());
 }
+
+#[test]
+fn a_server_that_accepts_and_then_hangs_does_not_stall_the_agent() {
+    // A listener that accepts connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut hung = Node::new(&format!("git://127.0.0.1:{port}/infra.git"), "172.30.190.3");
+    hung.env.push(("NK3_GIT_TIMEOUT".into(), "1s".into()));
+    let started = std::time::Instant::now();
+    let o = hung.run_once();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot"), "{}", stderr(&o));
+    // Generous: the point is that it ends at all, not how fast.
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    drop(silent);
+}
