@@ -93,6 +93,14 @@ pub struct RunArgs {
     /// it asked for), 1 when the pass failed.
     #[arg(long)]
     pub once: bool,
+    /// Check the settings and print them as JSON, then exit without doing anything: what a
+    /// service with this command line would run with.
+    #[arg(long, conflicts_with = "once")]
+    pub check: bool,
+    /// Serve Prometheus metrics (phase, applied commit, last result, passes) on this address
+    /// at /metrics. Unset: no endpoint.
+    #[arg(long, value_name = "ADDR:PORT", env = env_vars::NK3_METRICS_ADDRESS)]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Everything else.
     #[command(flatten)]
     pub agent: AgentArgs,

@@ -53,3 +53,5 @@ pub const NK3_ALLOW_FORCE_PUSH: &str = "NK3_ALLOW_FORCE_PUSH";
 pub const NK3_LOG_LEVEL: &str = "NK3_LOG_LEVEL";
 /// How long git may wait on the repository.
 pub const NK3_GIT_TIMEOUT: &str = "NK3_GIT_TIMEOUT";
+/// Address of the Prometheus metrics endpoint; unset: no endpoint.
+pub const NK3_METRICS_ADDRESS: &str = "NK3_METRICS_ADDRESS";

@@ -6,6 +6,7 @@ mod env_vars;
 mod git;
 mod logging;
 mod machine;
+mod metrics;
 mod reconcile;
 mod state;
 mod system;
@@ -18,7 +19,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     // Parsing the command line starts no thread, so libgit2's globals can still be set.
     let git_timeout = match &cli.command {
-        cli::Command::Run(a) => Some(a.agent.git_timeout),
+        cli::Command::Run(a) if !a.check => Some(a.agent.git_timeout),
         cli::Command::Plan(a) => Some(a.git_timeout),
         _ => None,
     };

@@ -422,14 +422,15 @@ fn a_hand_edit_is_repaired() {
 fn a_second_agent_refuses_to_start() {
     let repo = Repo::with_inventory(&inventory(""));
     let node = Node::new(&repo.url(), "172.30.190.3");
-    let mut first = node
-        .agent(&["run"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let first = crate::fixtures::Running(
+        node.agent(&["run"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let lock = node.root.join("var/lib/nk3-agent/lock");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != first.id().to_string() {
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != first.0.id().to_string() {
         assert!(
             std::time::Instant::now() < deadline,
             "the first agent never took the lock"
@@ -439,14 +440,12 @@ fn a_second_agent_refuses_to_start() {
     let o = node.run_once();
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains(&format!("another nk3-agent (pid {})", first.id())),
+        stderr(&o).contains(&format!("another nk3-agent (pid {})", first.0.id())),
         "{}",
         stderr(&o)
     );
     let status = stdout(&run(&mut node.agent(&["status"])));
     assert!(status.contains("agent        running"), "{status}");
-    first.kill().unwrap();
-    first.wait().unwrap();
 }
 
 #[test]
@@ -794,4 +793,98 @@ fn a_server_that_accepts_and_then_hangs_does_not_stall_the_agent() {
     // Generous: the point is that it ends at all, not how fast.
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
     drop(silent);
+}
+
+#[test]
+fn under_systemd_the_daemon_says_ready_feeds_the_watchdog_and_serves_metrics() {
+    use std::io::{Read as _, Write as _};
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    let head = repo.head();
+    let sock_path = node.root.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // systemd names the process the watchdog is for (WATCHDOG_PID); exec keeps the shell's.
+    let agent = node.agent(&[]);
+    let _daemon = crate::fixtures::Running(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("WATCHDOG_PID=$$ exec \"$0\" run --metrics-address \"$1\"")
+            .arg(agent.get_program())
+            .arg(&addr)
+            .envs(agent.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "200000")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().any(|m| m.contains("WATCHDOG=1"))
+        && seen.iter().any(|m| m.contains("STATUS=idle, applied ")))
+    {
+        assert!(std::time::Instant::now() < deadline, "{seen:?}");
+        let n = sock.recv(&mut buf).expect("a message from the agent");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        seen.iter().any(|m| m.contains(&format!(
+            "STATUS=idle, applied {}; last pass: No action needed on {HOST3}",
+            &head[..12]
+        ))),
+        "{seen:?}"
+    );
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(
+        text.contains(&format!("nk3_applied_commit_info{{commit=\"{head}\"}} 1")),
+        "{text}"
+    );
+    assert!(text.contains("nk3_phase{phase=\"idle\"} 1"), "{text}");
+    assert!(text.contains("nk3_repository_reachable 1"), "{text}");
+}
+
+#[test]
+fn run_check_prints_the_settings_a_service_would_run_with() {
+    let o = run(nk3()
+        .args([
+            "run",
+            "--check",
+            "--repo",
+            "https://ci:hunter2@git.example.com/infra.git",
+        ])
+        .args([
+            "--poll-interval",
+            "5m",
+            "--state-dir",
+            "/var/lib/nk3",
+            "--allow-force-push",
+        ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["repo"], "https://git.example.com/infra.git",
+        "no credentials printed"
+    );
+    assert_eq!(v["poll_interval"], "5m");
+    assert_eq!(v["state_dir"], "/var/lib/nk3");
+    assert_eq!(v["allow_force_push"], true);
+    assert_eq!(v["branch"], "main");
+    let bad = run(nk3().args(["run", "--check", "--repo", "x", "--poll-intervall", "5m"]));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--poll-interval"), "{}", stderr(&bad));
 }

@@ -343,3 +343,13 @@ impl Node {
         }
     }
 }
+
+/// A child process killed when the test ends, even when it fails.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,17 +1,25 @@
 //! `nk3-agent run`: the daemon. Polls the repository and reconciles the node, one pass at a
-//! time, until stopped.
+//! time, until stopped. Under systemd it reports readiness and its status, and feeds the
+//! watchdog (`Type=notify`, `WatchdogSec=`).
+#![allow(clippy::print_stdout)]
 
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tracing::{error, info};
+use sd_notify::NotifyState;
+use tracing::{error, info, warn};
 
-use crate::cli::RunArgs;
-use crate::reconcile::Agent;
+use crate::cli::{AgentArgs, RunArgs};
+use crate::metrics;
+use crate::reconcile::{short, Agent};
 use crate::state::{self, Loaded, Outcome};
 
 /// Runs passes until SIGTERM or SIGINT (or one pass with `--once`).
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.check {
+        return check(&args);
+    }
     let settings = args.agent;
     crate::logging::init(settings.log_level);
     // The lock is held for the life of the process: a second agent refuses to start.
@@ -40,11 +48,51 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_time()
         .enable_io()
         .build()?;
-    let code = rt.block_on(daemon(agent));
+    let code = rt.block_on(daemon(agent, args.metrics_address));
     // A pass still running on its thread is abandoned, not awaited: state.json says where it
     // was, and the next start resumes from there.
     rt.shutdown_background();
     code
+}
+
+/// `run --check`: the settings as the agent understood them, as JSON.
+fn check(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let a: &AgentArgs = &args.agent;
+    if a.repo.is_none() {
+        anyhow::bail!("no repository: pass --repo URL or set NK3_REPO");
+    }
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let v = serde_json::json!({
+        "repo": a.repo.as_deref().map(nk3_common::render::redact_url),
+        "branch": a.branch,
+        "inventory_path": a.inventory_path,
+        "poll_interval": humantime::format_duration(a.poll_interval).to_string(),
+        "git_timeout": humantime::format_duration(a.git_timeout).to_string(),
+        "state_dir": a.state_dir.display().to_string(),
+        "nixos_dir": a.nixos_dir.display().to_string(),
+        "node": a.node,
+        "kubeconfig": a.kubeconfig.display().to_string(),
+        "nixos_rebuild": a.nixos_rebuild.display().to_string(),
+        "systemctl": a.systemctl.display().to_string(),
+        "nix_channel": a.nix_channel.display().to_string(),
+        "git": a.git.display().to_string(),
+        "current_system": a.current_system.display().to_string(),
+        "booted_system": a.booted_system.display().to_string(),
+        "boot_id_file": a.boot_id_file.display().to_string(),
+        "ssh_key_file": path(&a.ssh_key_file),
+        "known_hosts": path(&a.known_hosts),
+        "repo_token_file": path(&a.repo_token_file),
+        "allowed_signers": path(&a.allowed_signers),
+        "gpg_home": path(&a.gpg_home),
+        "allow_force_push": a.allow_force_push,
+        "log_level": a.log_level.to_string().to_lowercase(),
+        "metrics_address": args.metrics_address.map(|m| m.to_string()),
+        "product_uuid_file": a.machine.product_uuid_file.display().to_string(),
+        "route_table": a.machine.route_table.display().to_string(),
+        "route6_table": a.machine.route6_table.display().to_string(),
+    });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One pass; an error is logged (with the phase it left) rather than ending the daemon.
@@ -57,16 +105,50 @@ fn pass(agent: &mut Agent) -> Option<Outcome> {
                 .host
                 .clone()
                 .unwrap_or_else(|| "this machine".into());
-            error!(host = %host, commit = %crate::reconcile::short(agent.state.fetched.as_deref()), "pass failed in phase {}: {e:#}", agent.state.phase.name());
+            error!(host = %host, commit = %short(agent.state.fetched.as_deref()), "pass failed in phase {}: {e:#}", agent.state.phase.name());
             None
         }
     }
 }
 
-async fn daemon(mut agent: Agent) -> anyhow::Result<ExitCode> {
+/// Tells systemd something; outside systemd (no NOTIFY_SOCKET) this does nothing.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        warn!("cannot notify systemd: {e}");
+    }
+}
+
+async fn daemon(
+    mut agent: Agent,
+    metrics_address: Option<std::net::SocketAddr>,
+) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let shared: metrics::Shared = Arc::new(Mutex::new(metrics::Snapshot {
+        state: agent.state.clone(),
+        counters: metrics::Counters::default(),
+    }));
+    if let Some(addr) = metrics_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+        info!("metrics at http://{addr}/metrics");
+        tokio::spawn(metrics::serve(listener, shared.clone()));
+    }
+    // Feed systemd's watchdog at half its interval. This proves the runtime is alive; a pass
+    // is bounded by its own timeouts (git, and the commands it runs).
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
     info!(
         "nk3-agent {} following {} branch {} every {}",
         env!("CARGO_PKG_VERSION"),
@@ -74,15 +156,20 @@ async fn daemon(mut agent: Agent) -> anyhow::Result<ExitCode> {
         agent.settings().branch,
         humantime::format_duration(agent.settings().poll_interval)
     );
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_line(&agent)),
+    ]);
     loop {
         // git2 and the commands block: each pass runs on a blocking thread, so the runtime
-        // stays free for signals (and, later, the lease watch).
+        // stays free for signals, the watchdog and the metrics endpoint.
         let work = tokio::task::spawn_blocking(move || {
-            pass(&mut agent);
-            agent
+            let outcome = pass(&mut agent);
+            (agent, outcome)
         });
+        let outcome;
         tokio::select! {
-            done = work => agent = done?,
+            done = work => (agent, outcome) = done?,
             _ = term.recv() => return Ok(stopped("SIGTERM")),
             _ = int.recv() => return Ok(stopped("SIGINT")),
         }
@@ -92,6 +179,14 @@ async fn daemon(mut agent: Agent) -> anyhow::Result<ExitCode> {
         if let Err(e) = state::save(&agent.settings().state_dir, &agent.state) {
             error!("{e:#}");
         }
+        if let Ok(mut s) = shared.lock() {
+            s.state = agent.state.clone();
+            s.counters.passes += 1;
+            if outcome.is_none() {
+                s.counters.failures += 1;
+            }
+        }
+        notify(&[NotifyState::Status(&status_line(&agent))]);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = term.recv() => return Ok(stopped("SIGTERM")),
@@ -100,7 +195,22 @@ async fn daemon(mut agent: Agent) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The line `systemctl status nk3-agent` shows.
+fn status_line(agent: &Agent) -> String {
+    let st = &agent.state;
+    let mut line = format!(
+        "{}, applied {}",
+        st.phase.name(),
+        short(st.applied.as_deref())
+    );
+    if let Some(l) = &st.last {
+        line.push_str(&format!("; last pass: {}", l.message));
+    }
+    line.chars().filter(|c| *c != '\n').take(200).collect()
+}
+
 fn stopped(signal: &str) -> ExitCode {
+    notify(&[NotifyState::Stopping]);
     info!("stopping on {signal}; state.json records where the node is");
     ExitCode::SUCCESS
 }
