@@ -29,6 +29,10 @@ let
     ++ lib.concatLists (lib.mapAttrsToList flag cfg.settings);
 
   absolute = p: p == null || lib.hasPrefix "/" (toString p);
+
+  # One argument of ExecStart: quoted for systemd's word splitting, with its specifiers
+  # (`%`) and variable references (`$`) doubled so they reach the agent as written.
+  execArg = a: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (lib.escapeShellArg a);
 in
 {
   imports = [ ./options.nix ];
@@ -48,8 +52,10 @@ in
         message = "services.nk3-agent: sshKeyFile, knownHosts, tokenFile, allowedSigners and kubeconfig must be absolute paths.";
       }
       {
-        assertion = lib.all (p: p == null || !(lib.hasPrefix builtins.storeDir (toString p))) [ cfg.sshKeyFile cfg.tokenFile ];
-        message = "services.nk3-agent: sshKeyFile and tokenFile must be paths outside the Nix store (a string, not a Nix path), or the secret becomes world-readable.";
+        assertion = lib.all
+          (p: p == null || !(builtins.isPath p || lib.hasPrefix builtins.storeDir (toString p)))
+          [ cfg.sshKeyFile cfg.tokenFile ];
+        message = "services.nk3-agent: sshKeyFile and tokenFile must name files outside the Nix store, as strings (\"/etc/nk3/key\", not ./key): anything in the store is world-readable.";
       }
       {
         assertion = lib.hasPrefix "/var/lib/" cfg.stateDir && builtins.match ".*/\\.\\.?(/.*)?" cfg.stateDir == null;
@@ -93,7 +99,7 @@ in
 
       serviceConfig = {
         Type = "notify";
-        ExecStart = "${lib.getExe cfg.package} ${lib.escapeShellArgs args}";
+        ExecStart = "${lib.getExe cfg.package} ${lib.concatStringsSep " " (map execArg args)}";
         Restart = "always";
         RestartSec = "10s";
         # The agent sends READY=1 once it holds its lock and WATCHDOG=1 every half of this.

@@ -34,6 +34,15 @@ pub enum Command {
     Render(Box<RenderArgs>),
     /// Check an inventory; print every problem as file:line: key: message.
     Validate(ValidateArgs),
+    /// Print a shell completion script (for packagers).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (for packagers).
+    #[command(hide = true)]
+    Man,
 }
 
 /// `nk3-agent render`.

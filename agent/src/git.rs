@@ -178,10 +178,8 @@ impl Source {
         let head = {
             let conn = remote
                 .connect_auth(Direction::Fetch, Some(self.callbacks()), None)
-                .map_err(|e| anyhow!("cannot reach {}: {}", self.display_url(), e.message()))?;
-            let list = conn
-                .list()
-                .map_err(|e| anyhow!("cannot list {}: {}", self.display_url(), e.message()))?;
+                .map_err(|e| self.failed("reach", &e))?;
+            let list = conn.list().map_err(|e| self.failed("list", &e))?;
             list.iter()
                 .find(|h| h.name() == wanted)
                 .map(|h| h.oid())
@@ -200,7 +198,7 @@ impl Source {
         let refspec = format!("+{wanted}:{}", self.tracking_ref());
         remote
             .fetch(&[refspec.as_str()], Some(&mut opts), Some("nk3: fetch"))
-            .map_err(|e| anyhow!("cannot fetch {}: {}", self.display_url(), e.message()))?;
+            .map_err(|e| self.failed("fetch", &e))?;
         let got = repo.refname_to_id(&self.tracking_ref())?;
         if got != head {
             bail!(
@@ -288,6 +286,15 @@ impl Source {
             .into_blob()
             .map_err(|_| anyhow!("{path} is not a file at commit {commit}"))?;
         Ok(Some(blob.content().to_vec()))
+    }
+
+    /// libgit2's message for a failed `what`, with any credentials of the URL taken out.
+    fn failed(&self, what: &str, e: &git2::Error) -> anyhow::Error {
+        let url = self.display_url();
+        anyhow!(
+            "cannot {what} {url}: {}",
+            e.message().replace(&self.url, &url)
+        )
     }
 
     /// The URL without credentials, for messages.

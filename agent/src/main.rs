@@ -32,6 +32,8 @@ fn main() -> ExitCode {
         cli::Command::Plan(args) => commands::plan::run(&args),
         cli::Command::Render(args) => commands::render::run(&args),
         cli::Command::Validate(args) => commands::validate::run(&args),
+        cli::Command::Completions { shell } => commands::docs::completions(shell),
+        cli::Command::Man => commands::docs::man(),
     };
     match result {
         Ok(code) => code,

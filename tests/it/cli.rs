@@ -340,3 +340,32 @@ fn a_machine_not_in_the_inventory_is_told_so() {
     assert!(err.contains("this machine is not in the inventory: no node has its UUID (unknown), any of its addresses (") && err.contains("127.0.0.1"), "{err}");
     assert!(stdout(&o).is_empty());
 }
+
+#[test]
+fn completions_and_the_manual_page_come_from_the_command_line_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = run(nk3().args(["completions", shell]));
+        assert!(o.status.success(), "{shell}: {}", stderr(&o));
+        let text = stdout(&o);
+        for word in ["status", "plan", "poll-interval", "allow-force-push"] {
+            assert!(text.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let o = run(nk3().arg("man"));
+    assert!(o.status.success());
+    let page = stdout(&o);
+    assert!(page.contains(".TH nk3-agent 1"), "{page}");
+    for section in ["NK3-AGENT RUN", "NK3-AGENT STATUS", "NK3-AGENT PLAN"] {
+        assert!(page.contains(section), "man page lacks {section}");
+    }
+    assert!(
+        page.contains("NK3_POLL_INTERVAL"),
+        "settings name their environment variables"
+    );
+    // Packaging commands stay out of --help.
+    let help = stdout(&run(nk3().arg("--help")));
+    assert!(
+        !help.contains("completions") && !help.contains("\n  man"),
+        "{help}"
+    );
+}

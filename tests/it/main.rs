@@ -7,6 +7,7 @@ mod cli;
 mod fixtures;
 mod golden;
 mod injection;
+mod module;
 mod nix_eval;
 mod options;
 mod signing;

@@ -5,14 +5,14 @@ use serde_json::Value;
 
 use crate::support::{config_expr, nix_eval_json, render_all, root, EXAMPLES};
 
-struct Options {
+pub struct Options {
     prefixes: Vec<String>,
     not_covered: Vec<String>,
     options: serde_json::Map<String, Value>,
 }
 
 impl Options {
-    fn load() -> Options {
+    pub fn load() -> Options {
         let text = std::fs::read_to_string(root().join("tests/data/nixos-options.json")).unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
         let list = |k: &str| -> Vec<String> {
@@ -104,7 +104,7 @@ impl Options {
         }
     }
 
-    fn child(&self, path: &str, k: &str, v: &Value, problems: &mut Vec<String>) {
+    pub fn child(&self, path: &str, k: &str, v: &Value, problems: &mut Vec<String>) {
         let literal = if path.is_empty() {
             k.to_string()
         } else {
@@ -213,6 +213,13 @@ fn compatible(ty: &str, v: &Value) -> Result<bool, String> {
         "absolute path" | "path" => v.as_str().is_some_and(|s| s.starts_with('/')),
         // Packages are stand-ins here (pkgs is an empty set in these evaluations).
         "package" => v.is_string(),
+        // NixOS's unit option values: an atom, or a list of atoms.
+        "systemd option" => match v {
+            Value::Array(items) => items
+                .iter()
+                .all(|i| i.is_string() || i.is_number() || i.is_boolean()),
+            _ => v.is_string() || v.is_number() || v.is_boolean(),
+        },
         "submodule" | "attribute set" => v.is_object(),
         t if t.starts_with("open submodule") => v.is_object(),
         other => return Err(format!("the checker does not know the type `{other}`")),

@@ -186,10 +186,17 @@ pub fn body(text: &str) -> &str {
 }
 
 /// A repository URL without any `user:password@` part.
+///
+/// Over HTTP(S) any user part goes (a token is often written as the user name); over SSH
+/// the user name is kept (`ssh://git@host/…` names an account, not a secret) unless it
+/// carries a password.
 pub fn redact_url(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        if let Some((_, host)) = authority.rsplit_once('@') {
+        if let Some((user, host)) = authority.rsplit_once('@') {
+            if scheme.eq_ignore_ascii_case("ssh") && !user.contains(':') {
+                return url.to_string();
+            }
             return format!("{scheme}://{host}{path}");
         }
     }
@@ -438,7 +445,9 @@ mod tests {
             redact_url("https://user:tok@git.example/x.git"),
             "https://git.example/x.git"
         );
-        assert_eq!(redact_url("ssh://git@host/x"), "ssh://host/x");
+        assert_eq!(redact_url("ssh://git@host/x"), "ssh://git@host/x");
+        assert_eq!(redact_url("ssh://git:pw@host/x"), "ssh://host/x");
+        assert_eq!(redact_url("https://ghp_token@host/x"), "https://host/x");
         assert_eq!(redact_url("/srv/git/infra"), "/srv/git/infra");
     }
 }
