@@ -7,6 +7,8 @@
 pub mod check;
 pub mod identity;
 pub mod inventory;
+pub mod kubeconfig;
+pub mod lease;
 pub mod naming;
 pub mod render;
 pub mod state;

@@ -49,7 +49,7 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_human(dir, running, st.as_ref(), &host);
     }
-    let healthy = st.as_ref().and_then(|s| s.last.as_ref()).map_or(true, |l| {
+    let healthy = st.as_ref().and_then(|s| s.last.as_ref()).is_none_or(|l| {
         matches!(
             l.outcome,
             state::Outcome::NoChange | state::Outcome::Applied | state::Outcome::Rebooting

@@ -1,0 +1,392 @@
+//! The k3s API client: every call nk3 makes to Kubernetes, in one module.
+//!
+//! Blocking (it runs on the pass's thread, like git), over rustls with the kubeconfig's CA
+//! only (never the system's roots, never unverified), with a client certificate or a bearer
+//! token. Connection errors, 429 and 5xx answers are retried with backoff; other errors
+//! carry the API's `Status` message. Object shapes are the `k8s-openapi` types.
+
+use std::io::BufRead as _;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use nk3_common::kubeconfig::{Auth, KubeConfig};
+
+/// How long one request may take (watches set their own).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Attempts for a request that fails in a way worth retrying.
+const ATTEMPTS: u32 = 6;
+
+/// A failed API call.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// The API answered with an error `Status`.
+    #[error("{what}: {code} {reason}: {message}")]
+    Status {
+        /// The call.
+        what: String,
+        /// HTTP status.
+        code: u16,
+        /// `Status.reason`.
+        reason: String,
+        /// `Status.message`.
+        message: String,
+    },
+    /// The API could not be reached (after retries).
+    #[error("{what}: cannot reach the k3s API at {url}: {detail}")]
+    Unreachable {
+        /// The call.
+        what: String,
+        /// The server.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// The answer was not what the API defines.
+    #[error("{what}: unexpected answer: {detail}")]
+    Decode {
+        /// The call.
+        what: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl KubeError {
+    /// The HTTP status, for an error the API answered.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            KubeError::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to the k3s API.
+#[derive(Debug)]
+pub struct Kube {
+    base: String,
+    http: reqwest::blocking::Client,
+    token: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListOf<T> {
+    items: Vec<T>,
+}
+
+/// One event of a watch.
+#[derive(Debug, serde::Deserialize)]
+pub struct WatchEvent<T> {
+    /// `ADDED`, `MODIFIED`, `DELETED`, `ERROR`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The object.
+    pub object: T,
+}
+
+/// What an eviction request got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// The pod is terminating.
+    Started,
+    /// A PodDisruptionBudget does not allow it now (429); try again later.
+    Blocked(String),
+    /// The pod is already gone.
+    Gone,
+}
+
+impl Kube {
+    /// A client for the API the kubeconfig names.
+    pub fn new(cfg: &KubeConfig) -> anyhow::Result<Kube> {
+        let ca = reqwest::Certificate::from_pem(&cfg.ca_pem)
+            .map_err(|e| anyhow::anyhow!("kubeconfig: the CA certificate is not PEM: {e}"))?;
+        let mut builder = reqwest::blocking::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .https_only(true)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("nk3-agent/", env!("CARGO_PKG_VERSION")));
+        let mut token = None;
+        match &cfg.auth {
+            Auth::Certificate { cert_pem, key_pem } => {
+                let mut pem = cert_pem.clone();
+                pem.push(b'\n');
+                pem.extend_from_slice(key_pem);
+                let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    anyhow::anyhow!("kubeconfig: the client certificate or key is not usable: {e}")
+                })?;
+                builder = builder.identity(id);
+            }
+            Auth::Token(t) => token = Some(t.clone()),
+        }
+        Ok(Kube {
+            base: cfg.server.clone(),
+            http: builder.build()?,
+            token,
+        })
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        retry_429: bool,
+    ) -> Result<(u16, Vec<u8>), KubeError> {
+        let what = format!("{method} {path}");
+        let mut delay = Duration::from_millis(200);
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.base));
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            if let Some((ct, bytes)) = &body {
+                req = req.header("content-type", *ct).body(bytes.clone());
+            }
+            match req.send() {
+                Err(e) => last = error_chain(&e),
+                Ok(resp) => {
+                    let code = resp.status().as_u16();
+                    let retry_after = resp
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    let bytes = resp.bytes().map(|b| b.to_vec()).unwrap_or_default();
+                    let transient = code >= 500 || (code == 429 && retry_429);
+                    if !transient {
+                        if code >= 400 {
+                            return Err(status_error(&what, code, &bytes));
+                        }
+                        return Ok((code, bytes));
+                    }
+                    last = status_error(&what, code, &bytes).to_string();
+                    if let Some(s) = retry_after {
+                        delay = Duration::from_secs(s.min(5));
+                    }
+                    if attempt == ATTEMPTS {
+                        return Err(status_error(&what, code, &bytes));
+                    }
+                }
+            }
+            if attempt < ATTEMPTS {
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+        Err(KubeError::Unreachable {
+            what,
+            url: self.base.clone(),
+            detail: last,
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, KubeError> {
+        serde_json::from_slice(bytes).map_err(|e| KubeError::Decode {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// GET an object; `None` when it does not exist.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, KubeError> {
+        match self.request(reqwest::Method::GET, path, None, true) {
+            Ok((_, b)) => Self::decode(path, &b).map(Some),
+            Err(e) if e.code() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn send<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: &B,
+    ) -> Result<T, KubeError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| KubeError::Decode {
+            what: path.to_string(),
+            detail: e.to_string(),
+        })?;
+        let (_, b) = self.request(method, path, Some((content_type, bytes)), true)?;
+        Self::decode(path, &b)
+    }
+
+    /// The API's own health (`/readyz`).
+    pub fn ready(&self) -> bool {
+        self.request(reqwest::Method::GET, "/readyz", None, false)
+            .is_ok()
+    }
+
+    fn lease_path(ns: &str, name: Option<&str>) -> String {
+        match name {
+            Some(n) => format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{n}"),
+            None => format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"),
+        }
+    }
+
+    /// A Lease, if it exists.
+    pub fn lease(&self, ns: &str, name: &str) -> Result<Option<Lease>, KubeError> {
+        self.get(&Self::lease_path(ns, Some(name)))
+    }
+
+    /// Creates a Lease (409 when someone else created it first).
+    pub fn create_lease(&self, ns: &str, lease: &Lease) -> Result<Lease, KubeError> {
+        self.send(
+            reqwest::Method::POST,
+            &Self::lease_path(ns, None),
+            "application/json",
+            lease,
+        )
+    }
+
+    /// Replaces a Lease; its `metadata.resourceVersion` must be current (else 409).
+    pub fn replace_lease(&self, ns: &str, lease: &Lease) -> Result<Lease, KubeError> {
+        let name = lease.metadata.name.as_deref().unwrap_or_default();
+        self.send(
+            reqwest::Method::PUT,
+            &Self::lease_path(ns, Some(name)),
+            "application/json",
+            lease,
+        )
+    }
+
+    /// Waits up to `timeout` for the Lease to change after `resource_version`; returns the
+    /// first change (None: nothing changed in time).
+    pub fn watch_lease(
+        &self,
+        ns: &str,
+        name: &str,
+        resource_version: &str,
+        timeout: Duration,
+    ) -> Result<Option<WatchEvent<Lease>>, KubeError> {
+        let secs = timeout.as_secs().max(1);
+        let path = format!(
+            "{}?watch=1&fieldSelector=metadata.name%3D{name}&resourceVersion={resource_version}&timeoutSeconds={secs}",
+            Self::lease_path(ns, None)
+        );
+        let what = format!("watch {path}");
+        let mut req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .timeout(timeout + Duration::from_secs(10));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().map_err(|e| KubeError::Unreachable {
+            what: what.clone(),
+            url: self.base.clone(),
+            detail: error_chain(&e),
+        })?;
+        let code = resp.status().as_u16();
+        if code >= 400 {
+            let b = resp.bytes().map(|b| b.to_vec()).unwrap_or_default();
+            return Err(status_error(&what, code, &b));
+        }
+        let mut line = String::new();
+        let mut reader = std::io::BufReader::new(resp);
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => Ok(None),
+            Ok(_) => Self::decode(&what, line.as_bytes()).map(Some),
+        }
+    }
+
+    /// A Node.
+    pub fn node(&self, name: &str) -> Result<Option<Node>, KubeError> {
+        self.get(&format!("/api/v1/nodes/{name}"))
+    }
+
+    /// Every Node.
+    pub fn nodes(&self) -> Result<Vec<Node>, KubeError> {
+        let (_, b) = self.request(reqwest::Method::GET, "/api/v1/nodes", None, true)?;
+        Ok(Self::decode::<ListOf<Node>>("GET /api/v1/nodes", &b)?.items)
+    }
+
+    /// Merge-patches a Node (annotations, `spec.unschedulable`).
+    pub fn patch_node(&self, name: &str, patch: &Value) -> Result<Node, KubeError> {
+        self.send(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/nodes/{name}"),
+            "application/merge-patch+json",
+            patch,
+        )
+    }
+
+    /// The pods scheduled on a node.
+    pub fn pods_on(&self, node: &str) -> Result<Vec<Pod>, KubeError> {
+        let path = format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{node}");
+        let (_, b) = self.request(reqwest::Method::GET, &path, None, true)?;
+        Ok(Self::decode::<ListOf<Pod>>(&path, &b)?.items)
+    }
+
+    /// Asks to evict a pod through the Eviction API (which honours PodDisruptionBudgets).
+    pub fn evict(&self, ns: &str, name: &str) -> Result<Eviction, KubeError> {
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}/eviction");
+        let body = serde_json::json!({
+            "apiVersion": "policy/v1", "kind": "Eviction",
+            "metadata": { "name": name, "namespace": ns },
+        });
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        match self.request(
+            reqwest::Method::POST,
+            &path,
+            Some(("application/json", bytes)),
+            false,
+        ) {
+            Ok(_) => Ok(Eviction::Started),
+            Err(KubeError::Status {
+                code: 429, message, ..
+            }) => Ok(Eviction::Blocked(message)),
+            Err(e) if e.code() == Some(404) => Ok(Eviction::Gone),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Lists objects of `path` as JSON (DaemonSets, Deployments of a namespace).
+    pub fn list_json(&self, path: &str) -> Result<Vec<Value>, KubeError> {
+        let (_, b) = self.request(reqwest::Method::GET, path, None, true)?;
+        Ok(Self::decode::<ListOf<Value>>(path, &b)?.items)
+    }
+
+    /// Records a Kubernetes Event (best effort is the caller's choice).
+    pub fn create_event(&self, ns: &str, event: &Value) -> Result<(), KubeError> {
+        let path = format!("/api/v1/namespaces/{ns}/events");
+        self.send::<Value, _>(reqwest::Method::POST, &path, "application/json", event)
+            .map(|_| ())
+    }
+}
+
+fn status_error(what: &str, code: u16, body: &[u8]) -> KubeError {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    KubeError::Status {
+        what: what.to_string(),
+        code,
+        reason: v["reason"].as_str().unwrap_or("").to_string(),
+        message: v["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect()),
+    }
+}
+
+/// An error and its causes on one line (reqwest's top-level message alone says little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
