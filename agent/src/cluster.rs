@@ -439,12 +439,18 @@ impl Cluster {
     /// so, and will not uncordon it).
     pub fn cordon(&self) -> Result<bool, KubeError> {
         let node = self.kube.node(&self.me)?;
-        let was = node
+        let unschedulable = node
             .as_ref()
             .and_then(|n| n.spec.as_ref())
             .and_then(|s| s.unschedulable)
             .unwrap_or(false);
-        if !was {
+        // Cordoned by nk3 already (a drain interrupted by a restart): still nk3's to undo.
+        let ours = node
+            .as_ref()
+            .and_then(|n| n.metadata.annotations.as_ref())
+            .is_some_and(|a| a.get(CORDONED).is_some_and(|v| v == "true"));
+        let was = unschedulable && !ours;
+        if !unschedulable {
             self.kube.patch_node(
                 &self.me,
                 &json!({ "spec": { "unschedulable": true }, "metadata": { "annotations": { CORDONED: "true" } } }),

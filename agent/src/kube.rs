@@ -79,16 +79,6 @@ struct ListOf<T> {
     items: Vec<T>,
 }
 
-/// One event of a watch.
-#[derive(Debug, serde::Deserialize)]
-pub struct WatchEvent<T> {
-    /// `ADDED`, `MODIFIED`, `DELETED`, `ERROR`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The object.
-    pub object: T,
-}
-
 /// What an eviction request got.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Eviction {
@@ -154,7 +144,13 @@ impl Kube {
                 req = req.header("content-type", *ct).body(bytes.clone());
             }
             match req.send() {
-                Err(e) => last = error_chain(&e),
+                Err(e) => {
+                    last = error_chain(&e);
+                    // A certificate the CA did not sign will not get better by asking again.
+                    if last.contains("certificate") {
+                        break;
+                    }
+                }
                 Ok(resp) => {
                     let code = resp.status().as_u16();
                     let retry_after = resp
@@ -261,15 +257,15 @@ impl Kube {
         )
     }
 
-    /// Waits up to `timeout` for the Lease to change after `resource_version`; returns the
-    /// first change (None: nothing changed in time).
+    /// Waits up to `timeout` for the Lease to change after `resource_version`; true when it
+    /// did, false when the time ran out.
     pub fn watch_lease(
         &self,
         ns: &str,
         name: &str,
         resource_version: &str,
         timeout: Duration,
-    ) -> Result<Option<WatchEvent<Lease>>, KubeError> {
+    ) -> Result<bool, KubeError> {
         let secs = timeout.as_secs().max(1);
         let path = format!(
             "{}?watch=1&fieldSelector=metadata.name%3D{name}&resourceVersion={resource_version}&timeoutSeconds={secs}",
@@ -296,8 +292,10 @@ impl Kube {
         let mut line = String::new();
         let mut reader = std::io::BufReader::new(resp);
         match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => Ok(None),
-            Ok(_) => Self::decode(&what, line.as_bytes()).map(Some),
+            Ok(0) | Err(_) => Ok(false),
+            Ok(_) => {
+                Self::decode::<Value>(&what, line.as_bytes()).map(|event| event["type"].is_string())
+            }
         }
     }
 

@@ -1,17 +1,16 @@
 //! nk3-agent: the binary every nk3 node runs.
 
 mod cli;
-#[allow(dead_code)] // wired into reconcile next
 mod cluster;
 mod commands;
 mod env_vars;
 mod git;
-#[allow(dead_code)] // wired into reconcile next
 mod kube;
 mod logging;
 mod machine;
 mod metrics;
 mod reconcile;
+mod rollout;
 mod state;
 mod system;
 

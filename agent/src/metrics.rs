@@ -30,8 +30,17 @@ pub struct Snapshot {
 /// Shared between the daemon loop and the endpoint.
 pub type Shared = Arc<Mutex<Snapshot>>;
 
-const PHASES: [&str; 5] = ["idle", "building", "built", "switching", "rebooting"];
-const OUTCOMES: [(Outcome, &str); 7] = [
+const PHASES: [&str; 8] = [
+    "idle",
+    "building",
+    "built",
+    "draining",
+    "switching",
+    "rebooting",
+    "verifying",
+    "frozen",
+];
+const OUTCOMES: [(Outcome, &str); 10] = [
     (Outcome::NoChange, "no-change"),
     (Outcome::Applied, "applied"),
     (Outcome::Rebooting, "rebooting"),
@@ -39,6 +48,9 @@ const OUTCOMES: [(Outcome, &str); 7] = [
     (Outcome::Refused, "refused"),
     (Outcome::NotANode, "not-a-node"),
     (Outcome::Failed, "failed"),
+    (Outcome::Waiting, "waiting"),
+    (Outcome::RolledBack, "rolled-back"),
+    (Outcome::Frozen, "frozen"),
 ];
 
 /// The metrics text for a snapshot.

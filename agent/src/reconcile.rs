@@ -9,14 +9,14 @@ use std::time::{Duration, SystemTime};
 use anyhow::{anyhow, Context as _};
 use git2::Repository;
 use nk3_common::identity::{self, MatchedBy};
-use nk3_common::inventory::{self, Inventory, Node, RebootPolicy};
+use nk3_common::inventory::{self, Inventory, Node, RebootPolicy, Rollout};
 use nk3_common::render::{self, HostFacts, Options, Source as RenderSource, Template};
 use tracing::{debug, error, info, warn};
 
 use crate::cli::{AgentArgs, TOKEN_FILE_NAME};
 use crate::git::{Access, Signers, Source};
 use crate::machine;
-use crate::state::{self, LastResult, Outcome, Phase, Rejected, State};
+use crate::state::{self, Hold, LastResult, Outcome, Phase, Rejected, State};
 use crate::system::{self, Nixos};
 
 /// Where the previous configuration.nix is kept when a new one lands.
@@ -82,6 +82,10 @@ pub struct Target {
     pub rendered: String,
     /// The inventory's reboot policy.
     pub reboot: RebootPolicy,
+    /// The inventory's rollout settings.
+    pub rollout: Rollout,
+    /// Namespaces whose workloads must be healthy before a node is disrupted.
+    pub watch_namespaces: Vec<String>,
     /// The channel to follow, if any.
     pub channel: Option<String>,
     /// The token to write for k3s, if the inventory has one (redacted from every output).
@@ -154,7 +158,12 @@ impl Agent {
         &self.signers
     }
 
-    fn save(&self) -> anyhow::Result<()> {
+    /// The NixOS side.
+    pub(crate) fn nixos(&self) -> &Nixos {
+        &self.nixos
+    }
+
+    pub(crate) fn save(&self) -> anyhow::Result<()> {
         state::save(&self.settings.state_dir, &self.state)
     }
 
@@ -165,7 +174,7 @@ impl Agent {
             .unwrap_or_else(|| "this machine".to_string())
     }
 
-    fn finish(
+    pub(crate) fn finish(
         &mut self,
         outcome: Outcome,
         commit: Option<&str>,
@@ -197,6 +206,9 @@ impl Agent {
         if let Some(why) = replaced {
             warn!(host = %self.host(), commit = %short(self.state.fetched.as_deref()), "the clone in {} was broken ({why}); cloned it again", self.source.dir().display());
         }
+        if let Some(outcome) = self.resume_held(&repo)? {
+            return Ok(outcome);
+        }
         let commit = match self.fetch(&repo)? {
             Some(c) => c,
             None => {
@@ -207,6 +219,9 @@ impl Agent {
                 return self.finish(Outcome::Failed, None, msg);
             }
         };
+        if let Some(reason) = crate::rollout::still_frozen(&self.state.phase, &commit) {
+            return self.finish(Outcome::Frozen, Some(&commit), reason);
+        }
         match self.decide(&repo, &commit)? {
             Decision::BadInventory { problems } => {
                 let msg = format!(
@@ -289,10 +304,16 @@ impl Agent {
                 self.save()?;
                 Ok(None)
             }
+            Phase::Draining { .. }
+            | Phase::Verifying { .. }
+            | Phase::Frozen { .. }
+            | Phase::Rebooting { hold: Some(_), .. } => Ok(None),
             Phase::Rebooting {
                 commit,
                 system,
                 boot_id,
+                hold: None,
+                ..
             } => {
                 let now = self.nixos.boot_id()?;
                 if now == boot_id {
@@ -443,6 +464,8 @@ impl Agent {
             matched_by,
             rendered,
             reboot: inv.rollout.reboot,
+            rollout: inv.rollout.clone(),
+            watch_namespaces: inv.watch_namespaces.clone(),
             channel: inv.nix_channel.clone(),
             secrets: secrets(&inv),
             token: match (&inv.join_token_file, &inv.join_token) {
@@ -585,6 +608,15 @@ impl Agent {
         upgrade: bool,
     ) -> anyhow::Result<Outcome> {
         let c = short(Some(&t.commit));
+        // Built before and waiting for the cluster (the lease, the gate, a drain): the file
+        // on disk is this commit's, so go on from the build instead of building again.
+        if let Phase::Built { commit, system } = &self.state.phase {
+            let on_disk = std::fs::read_to_string(&self.nixos.config).unwrap_or_default();
+            if commit == &t.commit && render::body(&on_disk) == render::body(&t.rendered) {
+                let system = system.clone();
+                return self.after_build(&t, system, self.previous_path().exists());
+            }
+        }
         match &diff {
             Some(d) => {
                 info!(host = %t.host, commit = %c, "{} modified: ({why})", t.host);
@@ -640,8 +672,20 @@ impl Agent {
             system: system.clone(),
         };
         self.save()?;
+        self.after_build(&t, system, had_previous)
+    }
+
+    /// Step 5 on: refuse a system without the agent, stop if it is what runs, else switch —
+    /// directly, or under the cluster's lease.
+    fn after_build(
+        &mut self,
+        t: &Target,
+        system: String,
+        had_previous: bool,
+    ) -> anyhow::Result<Outcome> {
+        let c = short(Some(&t.commit));
         if !system::has_agent_unit(&system) {
-            return self.reject(&t, had_previous, format!("the new system {system} has no nk3-agent.service: it would stop nk3 from managing this node (does configuration.nix still import ./nk3.nix?)"));
+            return self.reject(t, had_previous, format!("the new system {system} has no nk3-agent.service: it would stop nk3 from managing this node (does configuration.nix still import ./nk3.nix?)"));
         }
         if self.nixos.current().as_deref() == Some(system.as_str()) {
             self.record_applied(&t.commit, system)?;
@@ -652,14 +696,22 @@ impl Agent {
                 format!("No action needed on {}", t.host),
             );
         }
-        // Here a node of a running cluster takes the rollout lease, checks the cluster's
-        // health and drains itself before going on (DESIGN section 6, steps 6 to 8). A node
-        // without cluster coordination, or one whose k3s never ran, switches directly.
-        self.switch(&t, system)
+        // A node of a running cluster takes the rollout lease, checks the cluster's health
+        // and drains itself first (steps 6 to 8). A node whose k3s never ran (no kubeconfig
+        // yet: bootstrap) is not part of a cluster and switches directly.
+        match self.cluster(&t.host)? {
+            Some(cluster) => self.coordinated(t, system, cluster),
+            None => self.switch(t, system, None),
+        }
     }
 
-    /// Step 9 without the cluster: switch, or boot and reboot.
-    fn switch(&mut self, t: &Target, system: String) -> anyhow::Result<Outcome> {
+    /// Step 9: switch, or boot and reboot; with `hold`, under the lease, then verify.
+    pub(crate) fn switch(
+        &mut self,
+        t: &Target,
+        system: String,
+        hold: Option<Hold>,
+    ) -> anyhow::Result<Outcome> {
         let c = short(Some(&t.commit));
         let reasons = self.nixos.reboot_reasons(&system);
         let reboot = t.reboot == RebootPolicy::Always || !reasons.is_empty();
@@ -667,6 +719,7 @@ impl Agent {
             commit: t.commit.clone(),
             system: system.clone(),
             reboot,
+            hold: hold.clone(),
         };
         self.save()?;
         if reboot {
@@ -678,6 +731,8 @@ impl Agent {
                 commit: t.commit.clone(),
                 system,
                 boot_id,
+                hold,
+                rollback: false,
             };
             self.save()?;
             let why = if reasons.is_empty() {
@@ -698,7 +753,16 @@ impl Agent {
             );
         }
         if let Err(e) = self.nixos.switch() {
-            return self.switch_failed(t, e.to_string());
+            if hold.is_none() {
+                return self.switch_failed(t, e.to_string());
+            }
+            // Under the lease a failed activation is judged by the health checks, which
+            // roll it back if the node is not healthy.
+            error!(host = %t.host, commit = %c, "{e}");
+        }
+        if let Some(hold) = hold {
+            let deadline = SystemTime::now() + t.rollout.health_timeout;
+            return self.verify(&t.commit, &t.host, system, hold, &t.rollout, deadline, None);
         }
         self.record_applied(&t.commit, system)?;
         info!(host = %t.host, commit = %c, "{} switched to commit {c}", t.host);
@@ -726,7 +790,7 @@ impl Agent {
     /// Records that the node runs `commit`'s `system`, and keeps a copy of the file it was
     /// built from: later passes compare the file on disk with it to notice hand edits and
     /// files landed by an interrupted pass.
-    fn record_applied(&mut self, commit: &str, system: String) -> anyhow::Result<()> {
+    pub(crate) fn record_applied(&mut self, commit: &str, system: String) -> anyhow::Result<()> {
         if let Ok(text) = std::fs::read(&self.nixos.config) {
             state::write_atomic(&self.applied_path(), &text, 0o600)?;
         }
@@ -759,12 +823,12 @@ impl Agent {
         )
     }
 
-    fn previous_path(&self) -> PathBuf {
+    pub(crate) fn previous_path(&self) -> PathBuf {
         self.settings.state_dir.join(PREVIOUS_CONFIG)
     }
 
     /// Puts the previous configuration.nix back (or removes the new one if there was none).
-    fn restore(&self, had_previous: bool) -> anyhow::Result<()> {
+    pub(crate) fn restore(&self, had_previous: bool) -> anyhow::Result<()> {
         let config = &self.nixos.config;
         if had_previous {
             let previous = std::fs::read(self.previous_path()).with_context(|| {

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use fs2::FileExt;
 
-pub use nk3_common::state::{LastResult, Outcome, Phase, Rejected, State, VERSION};
+pub use nk3_common::state::{Hold, LastResult, Outcome, Phase, Rejected, State, VERSION};
 
 /// The current time in RFC 3339, to the second.
 pub fn now() -> String {
@@ -175,6 +175,11 @@ mod tests {
             commit: "abc".into(),
             system: "/nix/store/x".into(),
             reboot: true,
+            hold: Some(Hold {
+                lease: "nk3-rollout".into(),
+                was_unschedulable: true,
+                ready_before: vec!["a".into(), "b".into()],
+            }),
         };
         save(dir.path(), &s).unwrap();
         match load(dir.path()).unwrap() {

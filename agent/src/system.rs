@@ -75,6 +75,14 @@ impl Nixos {
         run(self.rebuild("switch", false))
     }
 
+    /// `nixos-rebuild switch --rollback`: back to the previous generation.
+    pub fn rollback(&self) -> Result<(), CommandFailed> {
+        let mut cmd = Command::new(&self.nixos_rebuild);
+        cmd.args(["switch", "--rollback"])
+            .current_dir(&self.work_dir);
+        run(cmd)
+    }
+
     /// `nixos-rebuild boot`: make it the default for the next boot.
     pub fn boot(&self) -> Result<(), CommandFailed> {
         run(self.rebuild("boot", false))

@@ -6,6 +6,17 @@ use serde::{Deserialize, Serialize};
 /// The state file's format version; a file of another version is set aside, not misread.
 pub const VERSION: u32 = 1;
 
+/// What a node holds while it disrupts itself: the rollout lease, and what to put back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The Lease this node holds.
+    pub lease: String,
+    /// Whether the node was unschedulable before nk3 cordoned it (then nk3 leaves it so).
+    pub was_unschedulable: bool,
+    /// The nodes that were Ready before the disruption; they must be Ready after.
+    pub ready_before: Vec<String>,
+}
+
 /// Where a node is in applying a commit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "kebab-case")]
@@ -30,6 +41,15 @@ pub enum Phase {
         /// The built system's store path.
         system: String,
     },
+    /// Holding the lease, the node is cordoned and its pods are being evicted.
+    Draining {
+        /// The commit being applied.
+        commit: String,
+        /// The system being switched to.
+        system: String,
+        /// The lease and what to restore.
+        hold: Hold,
+    },
     /// `nixos-rebuild switch` (or `boot`, before a reboot) is running.
     Switching {
         /// The commit being switched to.
@@ -38,6 +58,9 @@ pub enum Phase {
         system: String,
         /// Whether the switch waits for a reboot (`nixos-rebuild boot` then reboot).
         reboot: bool,
+        /// The lease held, for a node of a cluster.
+        #[serde(default)]
+        hold: Option<Hold>,
     },
     /// A reboot was asked for; a new boot id means it happened.
     Rebooting {
@@ -47,6 +70,38 @@ pub enum Phase {
         system: String,
         /// The boot id before the reboot.
         boot_id: String,
+        /// The lease held, for a node of a cluster.
+        #[serde(default)]
+        hold: Option<Hold>,
+        /// Whether this reboot goes back to the previous generation.
+        #[serde(default)]
+        rollback: bool,
+    },
+    /// Switched; checking the node's health until `deadline`.
+    Verifying {
+        /// The commit applied (or, with `rollback`, the one being rolled back from).
+        commit: String,
+        /// The system that should run.
+        system: String,
+        /// The lease and what to restore.
+        hold: Hold,
+        /// When the health timeout runs out (RFC 3339).
+        deadline: String,
+        /// Whether this checks the rollback (the first check failed).
+        rollback: bool,
+        /// Why the new generation was rolled back, when it was.
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Even the rolled-back generation is unhealthy: the node keeps the lease so that no
+    /// other node is disrupted, until a person acts or a new commit fixes it.
+    Frozen {
+        /// The commit that failed.
+        commit: String,
+        /// The lease kept.
+        hold: Hold,
+        /// What is wrong.
+        reason: String,
     },
 }
 
@@ -57,8 +112,11 @@ impl Phase {
             Phase::Idle => "idle",
             Phase::Building { .. } => "building",
             Phase::Built { .. } => "built",
+            Phase::Draining { .. } => "draining",
             Phase::Switching { .. } => "switching",
             Phase::Rebooting { .. } => "rebooting",
+            Phase::Verifying { .. } => "verifying",
+            Phase::Frozen { .. } => "frozen",
         }
     }
 
@@ -68,8 +126,22 @@ impl Phase {
             Phase::Idle => None,
             Phase::Building { commit, .. }
             | Phase::Built { commit, .. }
+            | Phase::Draining { commit, .. }
             | Phase::Switching { commit, .. }
-            | Phase::Rebooting { commit, .. } => Some(commit),
+            | Phase::Rebooting { commit, .. }
+            | Phase::Verifying { commit, .. }
+            | Phase::Frozen { commit, .. } => Some(commit),
+        }
+    }
+
+    /// The lease held in this phase, if any.
+    pub fn hold(&self) -> Option<&Hold> {
+        match self {
+            Phase::Draining { hold, .. }
+            | Phase::Verifying { hold, .. }
+            | Phase::Frozen { hold, .. } => Some(hold),
+            Phase::Switching { hold, .. } | Phase::Rebooting { hold, .. } => hold.as_ref(),
+            _ => None,
         }
     }
 }
@@ -88,6 +160,12 @@ pub enum Outcome {
     Rejected,
     /// The commit could not be used (bad inventory, refused head, bad signature).
     Refused,
+    /// Waiting for the cluster: the gate, the lease, or a drain that timed out.
+    Waiting,
+    /// The new generation was unhealthy and rolled back; the commit is halted cluster-wide.
+    RolledBack,
+    /// Even the rollback is unhealthy; the node keeps the lease (the rollout is frozen).
+    Frozen,
     /// This machine is not a node of the inventory.
     NotANode,
     /// Something failed that a later pass may get past (repository unreachable, command

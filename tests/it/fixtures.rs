@@ -283,6 +283,8 @@ impl Node {
             .env("NK3_ROUTE_TABLE", r.join("route"))
             .env("NK3_ROUTE6_TABLE", r.join("ipv6_route"))
             .env("NK3_FAKE_ROOT", r)
+            // No k3s ran on a fresh node: no kubeconfig (tests of a cluster write one).
+            .env("NK3_KUBECONFIG", r.join("etc/rancher/k3s/k3s.yaml"))
             .env("NK3_POLL_INTERVAL", "100ms");
         if !self.node.is_empty() {
             c.env("NK3_NODE", &self.node);

@@ -145,6 +145,9 @@ fn outcome_word(o: state::Outcome) -> &'static str {
         Refused => "refused",
         NotANode => "not a node",
         Failed => "failed",
+        Waiting => "waiting",
+        RolledBack => "rolled back",
+        Frozen => "FROZEN",
     }
 }
 

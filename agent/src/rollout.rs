@@ -1,0 +1,401 @@
+//! Steps 6 to 11 of DESIGN section 6 for a node of a running cluster: gate, lease, drain,
+//! switch or reboot, verify, and then uncordon and release — or roll back, halt the commit
+//! for everyone, and, if even the rollback is unhealthy, keep the lease so the rollout stays
+//! frozen. Each step writes its phase to `state.json` before it acts.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use git2::Repository;
+use nk3_common::inventory::{self, Inventory, RebootPolicy};
+use tracing::{error, info, warn};
+
+use crate::cluster::{Acquire, Cluster};
+use crate::reconcile::{short, Agent, Target};
+use crate::state::{self, Hold, Outcome, Phase, Rejected};
+
+/// How often verification looks again.
+const VERIFY_EVERY: Duration = Duration::from_secs(1);
+
+impl Agent {
+    /// The cluster this node belongs to, or `None` before its k3s ever ran (bootstrap: no
+    /// kubeconfig yet), when it applies without the lease.
+    pub(crate) fn cluster(&self, host: &str) -> anyhow::Result<Option<Arc<Cluster>>> {
+        Ok(Cluster::connect(&self.settings().kubeconfig, host)?.map(Arc::new))
+    }
+
+    /// The inventory at `commit`, for the rollout settings of an apply resumed after a
+    /// restart.
+    pub(crate) fn inventory_at(
+        &self,
+        repo: &Repository,
+        commit: &str,
+    ) -> anyhow::Result<Inventory> {
+        let path = &self.settings().inventory_path;
+        let bytes = crate::git::Source::read(repo, commit, path)?
+            .ok_or_else(|| anyhow::anyhow!("no {path} at commit {commit}"))?;
+        inventory::load(path, &String::from_utf8_lossy(&bytes))
+            .map_err(|d| anyhow::anyhow!("{}", d.lines().join("; ")))
+    }
+
+    /// Steps 6 to 9 with the cluster: the built `system` differs from the running one.
+    pub(crate) fn coordinated(
+        &mut self,
+        t: &Target,
+        system: String,
+        cluster: Arc<Cluster>,
+    ) -> anyhow::Result<Outcome> {
+        let c = short(Some(&t.commit)).to_string();
+        let r = &t.rollout;
+        if let Some(h) = cluster.halt()? {
+            if h.commit == t.commit {
+                return self.halted(t, &h.node, &h.reason);
+            }
+        }
+        // 7. The lease: wait for it (watching, not polling) up to one poll interval.
+        let give_up = Instant::now() + self.settings().poll_interval;
+        let mut said = false;
+        let lease = loop {
+            match cluster.acquire(r.max_unavailable, r.lease_duration)? {
+                Acquire::Held(name) => break name,
+                Acquire::Busy {
+                    holder,
+                    lease,
+                    resource_version,
+                } => {
+                    let left = give_up.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return self.finish(
+                            Outcome::Waiting,
+                            Some(&t.commit),
+                            format!("waiting for the rollout lease, held by {holder}"),
+                        );
+                    }
+                    if !said {
+                        info!(host = %t.host, commit = %c, "waiting for the rollout lease, held by {holder}");
+                        said = true;
+                    }
+                    cluster.wait_for_change(&lease, &resource_version, left)?;
+                }
+            }
+        };
+        // 6. The gate, checked with the lease held so nobody else changes the picture.
+        if let Err(why) = cluster.gate(&t.watch_namespaces)? {
+            cluster.release(&lease)?;
+            let msg = format!("not disrupting {}: {why}", t.host);
+            info!(host = %t.host, commit = %c, "{msg}");
+            return self.finish(Outcome::Waiting, Some(&t.commit), msg);
+        }
+        let ready_before = cluster.ready_nodes()?;
+        let _renewing = cluster.keep_renewed(&lease, r.lease_duration);
+        let mut hold = Hold {
+            lease,
+            was_unschedulable: false,
+            ready_before,
+        };
+        // 8. Drain.
+        self.state.phase = Phase::Draining {
+            commit: t.commit.clone(),
+            system: system.clone(),
+            hold: hold.clone(),
+        };
+        self.save()?;
+        let _ = cluster.annotate(None, "draining");
+        info!(host = %t.host, commit = %c, "Draining {} (holding lease {})", t.host, hold.lease);
+        cluster.event(
+            "Draining",
+            &format!("nk3 is draining the node to apply commit {c}"),
+            false,
+        );
+        hold.was_unschedulable = cluster.cordon()?;
+        self.state.phase = Phase::Draining {
+            commit: t.commit.clone(),
+            system: system.clone(),
+            hold: hold.clone(),
+        };
+        self.save()?;
+        if let Err(why) = cluster.drain(r.drain_timeout, &|| ())? {
+            cluster.uncordon(hold.was_unschedulable)?;
+            let _ = cluster.annotate(None, "idle");
+            cluster.release(&hold.lease)?;
+            self.state.phase = Phase::Built {
+                commit: t.commit.clone(),
+                system,
+            };
+            warn!(host = %t.host, commit = %c, "{why}; uncordoned {} and released the lease, will try again", t.host);
+            cluster.event("DrainTimedOut", &why, true);
+            return self.finish(Outcome::Waiting, Some(&t.commit), why);
+        }
+        // 9. Switch or reboot, holding the lease.
+        self.switch(t, system, Some(hold))
+    }
+
+    /// Steps 10 and 11: checks health until the deadline, then uncordons and releases, or
+    /// rolls back (and halts the commit), or freezes the rollout.
+    pub(crate) fn verify(
+        &mut self,
+        commit: &str,
+        host: &str,
+        system: String,
+        hold: Hold,
+        rollout: &inventory::Rollout,
+        deadline: SystemTime,
+        rollback: Option<String>,
+    ) -> anyhow::Result<Outcome> {
+        let c = short(Some(commit)).to_string();
+        let Some(cluster) = self.cluster(host)? else {
+            anyhow::bail!(
+                "the kubeconfig {} is gone; cannot verify the node",
+                self.settings().kubeconfig.display()
+            );
+        };
+        self.state.phase = Phase::Verifying {
+            commit: commit.to_string(),
+            system: system.clone(),
+            hold: hold.clone(),
+            deadline: humantime::format_rfc3339_seconds(deadline).to_string(),
+            rollback: rollback.is_some(),
+            reason: rollback.clone(),
+        };
+        self.save()?;
+        let _renewing = cluster.keep_renewed(&hold.lease, rollout.lease_duration);
+        let _ = cluster.annotate(None, "verifying");
+        let systemctl = self.settings().systemctl.clone();
+        let outcome = loop {
+            match cluster.healthy(&systemctl, &hold.ready_before, &rollout.health_checks) {
+                Ok(()) => break Ok(()),
+                Err(why) if SystemTime::now() >= deadline => break Err(why),
+                Err(_) => std::thread::sleep(VERIFY_EVERY),
+            }
+        };
+        match (outcome, rollback) {
+            (Ok(()), None) => {
+                cluster.uncordon(hold.was_unschedulable)?;
+                let _ = cluster.annotate(Some(commit), "idle");
+                if cluster.halt()?.is_some_and(|h| h.commit != commit) {
+                    // A newer commit made it through: the old halt no longer applies.
+                    cluster.lift_halt()?;
+                }
+                cluster.release(&hold.lease)?;
+                self.record_applied(commit, system)?;
+                cluster.event(
+                    "Ready",
+                    &format!("nk3 applied commit {c}; the node is healthy"),
+                    false,
+                );
+                info!(host = %host, commit = %c, "k8s is ready on {host}");
+                self.finish(
+                    Outcome::Applied,
+                    Some(commit),
+                    format!("applied commit {c}"),
+                )
+            }
+            (Err(why), None) => {
+                error!(host = %host, commit = %c, "{host} is unhealthy on commit {c}: {why}; rolling back");
+                cluster.event(
+                    "RollingBack",
+                    &format!("commit {c} is unhealthy: {why}"),
+                    true,
+                );
+                self.roll_back(commit, host, hold, rollout, why)
+            }
+            (Ok(()), Some(reason)) => {
+                let why = format!("{host} was unhealthy on it ({reason}) and rolled back");
+                cluster.set_halt(commit, &why)?;
+                cluster.uncordon(hold.was_unschedulable)?;
+                let _ = cluster.annotate(self.state.applied.as_deref(), "idle");
+                cluster.release(&hold.lease)?;
+                let had_previous = self.previous_path().exists();
+                self.restore(had_previous)?;
+                let current = self.nixos().current();
+                self.state.applied_system = current;
+                self.state.rejected = Some(Rejected {
+                    commit: commit.to_string(),
+                    error: format!("halted: {why}"),
+                    at: state::now(),
+                });
+                self.state.phase = Phase::Idle;
+                cluster.event("Halted", &format!("commit {c} is halted: {why}"), true);
+                error!(host = %host, commit = %c, "commit {c} halted for the whole cluster: {why}");
+                self.finish(
+                    Outcome::RolledBack,
+                    Some(commit),
+                    format!("commit {c} halted: {why}"),
+                )
+            }
+            (Err(why), Some(reason)) => {
+                let msg = format!("even the rollback is unhealthy ({why}; the new generation failed with: {reason}); keeping the rollout lease so no other node is disrupted — a person must look at {host}, or push a commit that fixes it");
+                self.state.phase = Phase::Frozen {
+                    commit: commit.to_string(),
+                    hold,
+                    reason: msg.clone(),
+                };
+                cluster.event("RolloutFrozen", &msg, true);
+                let _ = cluster.annotate(None, "frozen");
+                error!(host = %host, commit = %c, "ROLLOUT FROZEN: {msg}");
+                self.finish(Outcome::Frozen, Some(commit), msg)
+            }
+        }
+    }
+
+    /// `nixos-rebuild switch --rollback`, a reboot if the policy or the kernel asks for one,
+    /// and verification of the rolled-back generation.
+    fn roll_back(
+        &mut self,
+        commit: &str,
+        host: &str,
+        hold: Hold,
+        rollout: &inventory::Rollout,
+        why: String,
+    ) -> anyhow::Result<Outcome> {
+        let c = short(Some(commit)).to_string();
+        let previous = self.state.applied_system.clone().unwrap_or_default();
+        self.state.phase = Phase::Switching {
+            commit: commit.to_string(),
+            system: previous.clone(),
+            reboot: false,
+            hold: Some(hold.clone()),
+        };
+        self.save()?;
+        if let Err(e) = self.nixos().rollback() {
+            error!(host = %host, commit = %c, "{e}");
+        }
+        let reboot = rollout.reboot == RebootPolicy::Always
+            || !self.nixos().reboot_reasons(&previous).is_empty();
+        if reboot {
+            let boot_id = self.nixos().boot_id()?;
+            self.state.phase = Phase::Rebooting {
+                commit: commit.to_string(),
+                system: previous,
+                boot_id,
+                hold: Some(hold),
+                rollback: true,
+            };
+            self.state.last = Some(state::LastResult {
+                outcome: Outcome::Rebooting,
+                commit: Some(commit.to_string()),
+                message: format!("rolling back from commit {c}: {why}"),
+                at: state::now(),
+            });
+            self.save()?;
+            info!(host = %host, commit = %c, "Rebooting {host} into the previous generation");
+            self.nixos().reboot()?;
+            return Ok(Outcome::Rebooting);
+        }
+        let deadline = SystemTime::now() + rollout.health_timeout;
+        self.verify(commit, host, previous, hold, rollout, deadline, Some(why))
+    }
+
+    /// A commit another node found unhealthy: never applied here.
+    fn halted(&mut self, t: &Target, node: &str, reason: &str) -> anyhow::Result<Outcome> {
+        let c = short(Some(&t.commit)).to_string();
+        let msg = format!(
+            "commit {c} is halted for the cluster by {node}: {reason}; waiting for a newer commit"
+        );
+        let had_previous = self.previous_path().exists();
+        self.restore(had_previous)?;
+        self.state.rejected = Some(Rejected {
+            commit: t.commit.clone(),
+            error: msg.clone(),
+            at: state::now(),
+        });
+        self.state.phase = Phase::Idle;
+        warn!(host = %t.host, commit = %c, "{msg}");
+        self.finish(Outcome::Refused, Some(&t.commit), msg)
+    }
+
+    /// Resumes a phase that holds the lease, after a restart or a reboot. `Some` ends the
+    /// pass.
+    pub(crate) fn resume_held(&mut self, repo: &Repository) -> anyhow::Result<Option<Outcome>> {
+        let phase = self.state.phase.clone();
+        let host = self.state.host.clone().unwrap_or_default();
+        match phase {
+            Phase::Rebooting {
+                commit,
+                system,
+                boot_id,
+                hold: Some(hold),
+                rollback,
+            } => {
+                if self.nixos().boot_id()? == boot_id {
+                    info!(host = %host, commit = %short(Some(&commit)), "Rebooting {host} (asked again: the machine has not rebooted yet)");
+                    self.nixos().reboot()?;
+                    return Ok(Some(Outcome::Rebooting));
+                }
+                let inv = self.inventory_at(repo, &commit)?;
+                info!(host = %host, commit = %short(Some(&commit)), "{host} is back; checking its health");
+                let deadline = SystemTime::now() + inv.rollout.health_timeout;
+                let reason = rollback.then(|| {
+                    self.state
+                        .last
+                        .as_ref()
+                        .map(|l| l.message.clone())
+                        .unwrap_or_default()
+                });
+                Ok(Some(self.verify(
+                    &commit,
+                    &host,
+                    system,
+                    hold,
+                    &inv.rollout,
+                    deadline,
+                    reason,
+                )?))
+            }
+            Phase::Verifying {
+                commit,
+                system,
+                hold,
+                deadline,
+                rollback,
+                reason,
+            } => {
+                let inv = self.inventory_at(repo, &commit)?;
+                let deadline =
+                    humantime::parse_rfc3339(&deadline).unwrap_or_else(|_| SystemTime::now());
+                let reason = rollback.then(|| reason.unwrap_or_default());
+                Ok(Some(self.verify(
+                    &commit,
+                    &host,
+                    system,
+                    hold,
+                    &inv.rollout,
+                    deadline,
+                    reason,
+                )?))
+            }
+            Phase::Draining { .. } => {
+                // Interrupted while draining: go through the steps again (the lease is still
+                // ours and the node still cordoned by nk3, which the cordon step recognises).
+                if let Phase::Draining { commit, system, .. } = phase {
+                    self.state.phase = Phase::Built { commit, system };
+                }
+                Ok(None)
+            }
+            Phase::Frozen {
+                commit,
+                hold,
+                reason,
+            } => {
+                // Keep the lease while frozen; a new commit may fix things.
+                if let Some(cluster) = self.cluster(&host)? {
+                    let inv = self.inventory_at(repo, &commit)?;
+                    if let Err(e) = cluster.renew(&hold.lease, inv.rollout.lease_duration) {
+                        warn!(host = %host, commit = %short(Some(&commit)), "cannot renew the lease while frozen: {e}");
+                    }
+                }
+                let _ = reason;
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Whether a frozen node should stay frozen for `head`.
+pub(crate) fn still_frozen(phase: &Phase, head: &str) -> Option<String> {
+    match phase {
+        Phase::Frozen { commit, reason, .. } if commit == head => Some(reason.clone()),
+        _ => None,
+    }
+}
