@@ -761,8 +761,15 @@ impl Agent {
             error!(host = %t.host, commit = %c, "{e}");
         }
         if let Some(hold) = hold {
-            let deadline = SystemTime::now() + t.rollout.health_timeout;
-            return self.verify(&t.commit, &t.host, system, hold, &t.rollout, deadline, None);
+            let v = crate::rollout::Verify {
+                commit: t.commit.clone(),
+                host: t.host.clone(),
+                system,
+                hold,
+                deadline: SystemTime::now() + t.rollout.health_timeout,
+                rollback: None,
+            };
+            return self.verify(v, &t.rollout);
         }
         self.record_applied(&t.commit, system)?;
         info!(host = %t.host, commit = %c, "{} switched to commit {c}", t.host);

@@ -14,6 +14,23 @@ use crate::cluster::{Acquire, Cluster};
 use crate::reconcile::{short, Agent, Target};
 use crate::state::{self, Hold, Outcome, Phase, Rejected};
 
+/// What a verification is about.
+#[derive(Debug)]
+pub(crate) struct Verify {
+    /// The commit applied (or rolled back from).
+    pub commit: String,
+    /// The node's hostname.
+    pub host: String,
+    /// The system that should run.
+    pub system: String,
+    /// The lease held and what to put back.
+    pub hold: Hold,
+    /// When the health timeout runs out.
+    pub deadline: SystemTime,
+    /// With a rollback: why the new generation was rolled back.
+    pub rollback: Option<String>,
+}
+
 /// How often verification looks again.
 const VERIFY_EVERY: Duration = Duration::from_secs(1);
 
@@ -134,14 +151,18 @@ impl Agent {
     /// rolls back (and halts the commit), or freezes the rollout.
     pub(crate) fn verify(
         &mut self,
-        commit: &str,
-        host: &str,
-        system: String,
-        hold: Hold,
+        v: Verify,
         rollout: &inventory::Rollout,
-        deadline: SystemTime,
-        rollback: Option<String>,
     ) -> anyhow::Result<Outcome> {
+        let Verify {
+            commit,
+            host,
+            system,
+            hold,
+            deadline,
+            rollback,
+        } = v;
+        let (commit, host) = (commit.as_str(), host.as_str());
         let c = short(Some(commit)).to_string();
         let Some(cluster) = self.cluster(host)? else {
             anyhow::bail!(
@@ -283,7 +304,15 @@ impl Agent {
             return Ok(Outcome::Rebooting);
         }
         let deadline = SystemTime::now() + rollout.health_timeout;
-        self.verify(commit, host, previous, hold, rollout, deadline, Some(why))
+        let v = Verify {
+            commit: commit.to_string(),
+            host: host.to_string(),
+            system: previous,
+            hold,
+            deadline,
+            rollback: Some(why),
+        };
+        self.verify(v, rollout)
     }
 
     /// A commit another node found unhealthy: never applied here.
@@ -332,15 +361,15 @@ impl Agent {
                         .map(|l| l.message.clone())
                         .unwrap_or_default()
                 });
-                Ok(Some(self.verify(
-                    &commit,
-                    &host,
+                let v = Verify {
+                    commit,
+                    host,
                     system,
                     hold,
-                    &inv.rollout,
                     deadline,
-                    reason,
-                )?))
+                    rollback: reason,
+                };
+                Ok(Some(self.verify(v, &inv.rollout)?))
             }
             Phase::Verifying {
                 commit,
@@ -354,15 +383,15 @@ impl Agent {
                 let deadline =
                     humantime::parse_rfc3339(&deadline).unwrap_or_else(|_| SystemTime::now());
                 let reason = rollback.then(|| reason.unwrap_or_default());
-                Ok(Some(self.verify(
-                    &commit,
-                    &host,
+                let v = Verify {
+                    commit,
+                    host,
                     system,
                     hold,
-                    &inv.rollout,
                     deadline,
-                    reason,
-                )?))
+                    rollback: reason,
+                };
+                Ok(Some(self.verify(v, &inv.rollout)?))
             }
             Phase::Draining { .. } => {
                 // Interrupted while draining: go through the steps again (the lease is still
