@@ -10,5 +10,6 @@ mod injection;
 mod module;
 mod nix_eval;
 mod options;
+mod rollout;
 mod signing;
 mod support;

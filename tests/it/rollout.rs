@@ -1,0 +1,472 @@
+//! Rollouts under the cluster's lease: the real agent on simulated nodes, against the API
+//! test server (`tests/apiserver`) and real git repositories.
+
+use std::time::{Duration, Instant};
+
+use nk3_apiserver::ApiServer;
+use serde_json::{json, Value};
+
+use crate::fixtures::{Node, Repo, Running};
+use crate::support::{root, run, stderr, stdout};
+
+const HOST3: &str = "d6c27852-4d1c-5830-8e94-40b76fa2b5ec";
+const HOST4: &str = "a9bcde5e-240d-54ad-8590-d8e18b7ee42f";
+const HOST5: &str = "b0d1dcf2-588a-5740-b321-5c9ca8d6b9b0";
+
+fn inventory(extra_cluster: &str) -> String {
+    format!(
+        "cluster:
+  join_address: 172.30.190.3
+  join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55
+  default_gateway: 172.30.190.1
+{extra_cluster}  rollout:
+    reboot: when-needed
+    health_timeout: 3s
+    drain_timeout: 2s
+  nodes:
+    172.30.190.3: {{ initiator: true, interface: enp3s0f0, boot_device: /dev/nvme0n1 }}
+    172.30.190.4: {{ interface: enp3s0f0, boot_device: /dev/nvme0n1 }}
+    172.30.190.5: {{ interface: enp3s0f0, boot_device: /dev/nvme0n1 }}
+"
+    )
+}
+
+fn dns(inv: &str, server: &str) -> String {
+    inv.replace(
+        "default_gateway: 172.30.190.1\n",
+        &format!("default_gateway: 172.30.190.1\n  nameservers: [ {server} ]\n"),
+    )
+}
+
+fn api() -> ApiServer {
+    let api = ApiServer::start();
+    for h in [HOST3, HOST4, HOST5] {
+        api.add_node(h, true);
+    }
+    api
+}
+
+/// A node brought up before its k3s ran (no kubeconfig: it applied directly), then given
+/// the kubeconfig k3s writes: from now on it is part of the cluster.
+fn member(repo: &Repo, api: &ApiServer, ip: &str, host: &str) -> Node {
+    let node = Node::new(&repo.url(), ip);
+    node.pass_ok();
+    node.pass_ok();
+    assert_eq!(node.state()["applied"], repo.head().as_str());
+    let k = node.root.join("etc/rancher/k3s/k3s.yaml");
+    std::fs::create_dir_all(k.parent().unwrap()).unwrap();
+    std::fs::write(&k, api.kubeconfig(host)).unwrap();
+    node.clear_calls();
+    node
+}
+
+fn lease(api: &ApiServer) -> Value {
+    api.get("leases", "kube-system", "nk3-rollout")
+        .unwrap_or(Value::Null)
+}
+
+fn holder(api: &ApiServer) -> Option<String> {
+    lease(api)["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[test]
+fn a_member_applies_under_the_lease_and_leaves_the_cluster_as_it_found_it() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    let head = repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let log = node.pass_ok();
+    for want in [
+        format!("Draining {HOST3}"),
+        format!("k8s is ready on {HOST3}"),
+    ] {
+        assert!(log.contains(&want), "{want}:\n{log}");
+    }
+    assert_eq!(node.state()["applied"], head.as_str());
+    assert_eq!(holder(&api), None, "released");
+    let n = api.node(HOST3).unwrap();
+    assert!(n["spec"]["unschedulable"].is_null(), "uncordoned: {n}");
+    assert_eq!(
+        n["metadata"]["annotations"]["nk3.io/applied-commit"],
+        head.as_str()
+    );
+    assert_eq!(n["metadata"]["annotations"]["nk3.io/phase"], "idle");
+    // The order of what the agent wrote: take the lease, cordon, switch, uncordon, release.
+    let w = api.writes();
+    let pos = |f: &dyn Fn(&nk3_apiserver::Write) -> bool| w.iter().position(f).unwrap();
+    let took = pos(&|w| w.resource == "leases" && w.object["spec"]["holderIdentity"] == HOST3);
+    let cordon = pos(&|w| w.resource == "nodes" && w.object["spec"]["unschedulable"] == true);
+    let uncordon = cordon
+        + w[cordon..]
+            .iter()
+            .position(|w| w.resource == "nodes" && w.object["spec"]["unschedulable"].is_null())
+            .unwrap();
+    let released = w
+        .iter()
+        .rposition(|w| w.resource == "leases" && w.object["spec"]["holderIdentity"].is_null())
+        .unwrap();
+    assert!(
+        took < cordon && cordon < uncordon && uncordon < released,
+        "{took} {cordon} {uncordon} {released}"
+    );
+    let reasons: Vec<&str> = w
+        .iter()
+        .filter(|w| w.resource == "events")
+        .filter_map(|w| w.object["reason"].as_str())
+        .collect();
+    assert_eq!(reasons, ["Draining", "Ready"]);
+    assert_eq!(
+        node.calls("nixos-rebuild"),
+        [
+            "build -I nixos-config=$ROOT/etc/nixos/configuration.nix",
+            "switch -I nixos-config=$ROOT/etc/nixos/configuration.nix"
+        ]
+    );
+}
+
+#[test]
+fn a_live_holder_keeps_the_lease_and_the_node_waits_without_building_again() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut node = member(&repo, &api, "172.30.190.3", HOST3);
+    node.env.push(("NK3_POLL_INTERVAL".into(), "1s".into()));
+    // Node .4 holds the lease, renewed just now, as a live holder's is.
+    api.set(
+        "leases",
+        "kube-system",
+        "nk3-rollout",
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": { "namespace": "kube-system" },
+            "spec": { "holderIdentity": HOST4, "leaseDurationSeconds": 600,
+                      "renewTime": now_micro(), "acquireTime": now_micro() },
+        }),
+    );
+    let head = repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let o = node.run_once();
+    assert!(!o.status.success());
+    let log = stderr(&o);
+    assert!(
+        log.contains(&format!("waiting for the rollout lease, held by {HOST4}")),
+        "{log}"
+    );
+    assert_eq!(
+        holder(&api),
+        Some(HOST4.to_string()),
+        "a live holder's lease is not taken"
+    );
+    assert!(
+        api.node(HOST3).unwrap()["spec"]["unschedulable"].is_null(),
+        "not cordoned while waiting"
+    );
+    assert_eq!(node.calls("nixos-rebuild").len(), 1, "built once");
+    // The holder releases: the next pass goes on from the build.
+    let mut l = lease(&api);
+    l["spec"]["holderIdentity"] = Value::Null;
+    api.set("leases", "kube-system", "nk3-rollout", l);
+    node.pass_ok();
+    assert_eq!(node.state()["applied"], head.as_str());
+    let builds = node
+        .calls("nixos-rebuild")
+        .iter()
+        .filter(|c| c.starts_with("build"))
+        .count();
+    assert_eq!(builds, 1, "{:?}", node.calls("nixos-rebuild"));
+}
+
+fn now_micro() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    // RFC 3339 with microseconds, as Kubernetes writes MicroTime.
+    let out = std::process::Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}", d.as_secs()),
+            "+%Y-%m-%dT%H:%M:%S",
+        ])
+        .output()
+        .unwrap();
+    format!(
+        "{}.{:06}Z",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        d.subsec_micros()
+    )
+}
+
+#[test]
+fn a_notready_node_keeps_the_others_from_disrupting_themselves() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    api.set_ready(HOST5, false);
+    repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("node {HOST5} is NotReady")),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(holder(&api), None, "the lease is given back");
+    assert!(api.node(HOST3).unwrap()["spec"]["unschedulable"].is_null());
+    assert!(node
+        .calls("nixos-rebuild")
+        .iter()
+        .all(|c| c.starts_with("build")));
+    api.set_ready(HOST5, true);
+    node.pass_ok();
+}
+
+/// The built-in template with a marker that makes the stand-in's k3s never start.
+fn broken_template() -> String {
+    let t = std::fs::read_to_string(root().join("common/src/render/default.nix.hbs")).unwrap();
+    format!("# nk3-test: k3s-broken\n{t}")
+}
+
+#[test]
+fn an_unhealthy_generation_rolls_back_and_halts_the_commit_for_everyone() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let n3 = member(&repo, &api, "172.30.190.3", HOST3);
+    let n4 = member(&repo, &api, "172.30.190.4", HOST4);
+    let before3 = std::fs::read(n3.config_path()).unwrap();
+    let system3 = n3.current_system();
+    repo.commit("broken.nix.hbs", &broken_template(), "template");
+    let bad = repo.commit(
+        "inventory.yaml",
+        &inventory("  template: broken.nix.hbs\n"),
+        "a generation whose k3s never starts",
+    );
+    let o = n3.run_once();
+    assert!(!o.status.success());
+    let log = stderr(&o);
+    assert!(
+        log.contains("k3s.service is not active; rolling back"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "commit {} halted for the whole cluster",
+            &bad[..12]
+        )),
+        "{log}"
+    );
+    assert!(n3
+        .calls("nixos-rebuild")
+        .contains(&"switch --rollback".to_string()));
+    assert_eq!(
+        n3.current_system(),
+        system3,
+        "back on the previous generation"
+    );
+    assert_eq!(
+        std::fs::read(n3.config_path()).unwrap(),
+        before3,
+        "the file matches what runs"
+    );
+    assert_eq!(holder(&api), None);
+    assert!(api.node(HOST3).unwrap()["spec"]["unschedulable"].is_null());
+    let l = lease(&api);
+    assert_eq!(
+        l["metadata"]["annotations"]["nk3.io/halted-commit"],
+        bad.as_str()
+    );
+    assert_eq!(l["metadata"]["annotations"]["nk3.io/halted-node"], HOST3);
+    // Nobody else applies it.
+    let before4 = std::fs::read(n4.config_path()).unwrap();
+    let o = n4.run_once();
+    assert!(
+        stderr(&o).contains("is halted for the cluster by"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(n4.config_path()).unwrap(), before4);
+    assert!(!n4
+        .calls("nixos-rebuild")
+        .iter()
+        .any(|c| c.starts_with("switch") || c.starts_with("boot")));
+    // A newer commit lifts the halt.
+    let fixed = repo.commit("inventory.yaml", &dns(&inventory(""), "9.9.9.9"), "fixed");
+    n3.pass_ok();
+    assert_eq!(n3.state()["applied"], fixed.as_str());
+    assert!(lease(&api)["metadata"]["annotations"]["nk3.io/halted-commit"].is_null());
+    n4.pass_ok();
+    assert_eq!(n4.state()["applied"], fixed.as_str());
+}
+
+#[test]
+fn when_even_the_rollback_is_unhealthy_the_node_keeps_the_lease() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    std::fs::create_dir_all(node.root.join("units")).unwrap();
+    std::fs::write(node.root.join("units/k3s.service"), "failed").unwrap();
+    repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ROLLOUT FROZEN"), "{}", stderr(&o));
+    assert_eq!(holder(&api), Some(HOST3.to_string()), "the lease is kept");
+    assert_eq!(node.state()["phase"]["name"], "frozen");
+    let status = stdout(&run(&mut node.agent(&["status"])));
+    assert!(status.contains("FROZEN"), "{status}");
+    let renewed = lease(&api)["spec"]["renewTime"].clone();
+    std::thread::sleep(Duration::from_millis(1100));
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert_eq!(holder(&api), Some(HOST3.to_string()));
+    assert_ne!(
+        lease(&api)["spec"]["renewTime"],
+        renewed,
+        "renewed while frozen"
+    );
+    let reasons: Vec<String> = api
+        .writes()
+        .iter()
+        .filter(|w| w.resource == "events")
+        .filter_map(|w| w.object["reason"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        reasons.contains(&"RolloutFrozen".to_string()),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn a_pdb_that_blocks_the_drain_times_out_uncordons_and_releases() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    api.add_pod(
+        "default",
+        "db-0",
+        HOST3,
+        json!({"app": "db"}),
+        Some("StatefulSet"),
+        0,
+    );
+    api.add_pdb("default", "db", json!({"app": "db"}), 1);
+    repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("drain timed out"), "{}", stderr(&o));
+    assert!(
+        api.node(HOST3).unwrap()["spec"]["unschedulable"].is_null(),
+        "uncordoned"
+    );
+    assert_eq!(holder(&api), None, "released");
+    assert!(
+        node.calls("nixos-rebuild")
+            .iter()
+            .all(|c| c.starts_with("build")),
+        "not switched"
+    );
+}
+
+#[test]
+fn a_node_an_operator_cordoned_stays_cordoned() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    let mut n = api.node(HOST3).unwrap();
+    n["spec"]["unschedulable"] = json!(true);
+    api.set("nodes", "", HOST3, n);
+    repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    node.pass_ok();
+    let n = api.node(HOST3).unwrap();
+    assert_eq!(n["spec"]["unschedulable"], true, "{n}");
+}
+
+#[test]
+fn a_reboot_keeps_the_lease_until_the_node_is_back_and_healthy() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    let always = dns(&inventory(""), "9.9.9.9").replace("when-needed", "always");
+    let head = repo.commit("inventory.yaml", &always, "reboot always");
+    node.pass_ok();
+    assert_eq!(node.calls("systemctl"), ["reboot"]);
+    assert_eq!(
+        holder(&api),
+        Some(HOST3.to_string()),
+        "held across the reboot"
+    );
+    assert_eq!(api.node(HOST3).unwrap()["spec"]["unschedulable"], true);
+    let log = node.pass_ok();
+    assert!(log.contains(&format!("k8s is ready on {HOST3}")), "{log}");
+    assert_eq!(holder(&api), None);
+    assert_eq!(node.state()["applied"], head.as_str());
+}
+
+#[test]
+fn three_daemons_roll_one_node_at_a_time() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let nodes = [
+        member(&repo, &api, "172.30.190.3", HOST3),
+        member(&repo, &api, "172.30.190.4", HOST4),
+        member(&repo, &api, "172.30.190.5", HOST5),
+    ];
+    let head = repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let _daemons: Vec<Running> = nodes
+        .iter()
+        .map(|n| {
+            Running(
+                n.agent(&["run"])
+                    .env("NK3_POLL_INTERVAL", "300ms")
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !nodes.iter().all(|n| n.state()["applied"] == head.as_str()) {
+        assert!(Instant::now() < deadline, "not every node applied {head}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // From the API's write log: at no moment were two nodes cordoned by nk3.
+    let mut cordoned = std::collections::BTreeSet::new();
+    let mut most = 0;
+    for w in api.writes().iter().filter(|w| w.resource == "nodes") {
+        if w.object["metadata"]["annotations"]["nk3.io/cordoned"] == "true" {
+            cordoned.insert(w.name.clone());
+        } else {
+            cordoned.remove(&w.name);
+        }
+        most = most.max(cordoned.len());
+    }
+    assert_eq!(most, 1, "max_unavailable is 1");
+    assert!(cordoned.is_empty());
+}
