@@ -121,6 +121,10 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also list every node's applied commit and phase, and the lease holders, from the
+    /// k3s API.
+    #[arg(long)]
+    pub cluster: bool,
     /// Everything else.
     #[command(flatten)]
     pub agent: AgentArgs,

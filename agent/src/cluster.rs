@@ -379,6 +379,29 @@ impl Cluster {
         Ok(())
     }
 
+    /// Releases every rollout lease this node holds and undoes its own cordon: the end of
+    /// a rollout that was interrupted after the node already ran the new system.
+    pub fn let_go(&self) -> Result<(), KubeError> {
+        let node = self.kube.node(&self.me)?;
+        let ours = node
+            .as_ref()
+            .and_then(|n| n.metadata.annotations.as_ref())
+            .is_some_and(|a| a.get(CORDONED).is_some_and(|v| v == "true"));
+        if ours {
+            self.uncordon(false)?;
+        }
+        for l in self.kube.list_json(&format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases"
+        ))? {
+            if l["spec"]["holderIdentity"].as_str() == Some(self.me.as_str()) {
+                if let Some(name) = l["metadata"]["name"].as_str() {
+                    self.release(name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Marks `commit` halted on the first lease, for every node to see.
     pub fn set_halt(&self, commit: &str, reason: &str) -> Result<(), KubeError> {
         for _ in 0..5 {
@@ -639,6 +662,78 @@ impl Cluster {
             stop,
             handle: Some(handle),
         }
+    }
+}
+
+/// One node as `status --cluster` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct NodeView {
+    /// Name.
+    pub name: String,
+    /// Ready condition.
+    pub ready: bool,
+    /// Unschedulable.
+    pub cordoned: bool,
+    /// `nk3.io/applied-commit`.
+    pub applied_commit: Option<String>,
+    /// `nk3.io/phase`.
+    pub phase: Option<String>,
+}
+
+/// What `status --cluster` shows.
+#[derive(Debug, serde::Serialize)]
+pub struct Overview {
+    /// Every node.
+    pub nodes: Vec<NodeView>,
+    /// Lease name → holder, for the rollout's leases.
+    pub leases: BTreeMap<String, Option<String>>,
+    /// The halted commit, if any.
+    pub halted: Option<(String, String, String)>,
+}
+
+impl Cluster {
+    /// Every node's commit and phase, the lease holders and the halt.
+    pub fn overview(&self) -> Result<Overview, KubeError> {
+        let nodes = self
+            .kube
+            .nodes()?
+            .iter()
+            .map(|n| {
+                let a = n.metadata.annotations.clone().unwrap_or_default();
+                NodeView {
+                    name: name_of(n),
+                    ready: is_ready(n),
+                    cordoned: n
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.unschedulable)
+                        .unwrap_or(false),
+                    applied_commit: a.get(APPLIED_COMMIT).cloned(),
+                    phase: a.get(PHASE).cloned(),
+                }
+            })
+            .collect();
+        let mut leases = BTreeMap::new();
+        for l in self.kube.list_json(&format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases"
+        ))? {
+            let name = l["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if name == LEASE || name.starts_with(&format!("{LEASE}-")) {
+                let holder = l["spec"]["holderIdentity"]
+                    .as_str()
+                    .filter(|h| !h.is_empty());
+                leases.insert(name, holder.map(str::to_string));
+            }
+        }
+        let halted = self.halt()?.map(|h| (h.commit, h.node, h.reason));
+        Ok(Overview {
+            nodes,
+            leases,
+            halted,
+        })
     }
 }
 

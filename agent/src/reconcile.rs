@@ -688,6 +688,7 @@ impl Agent {
             return self.reject(t, had_previous, format!("the new system {system} has no nk3-agent.service: it would stop nk3 from managing this node (does configuration.nix still import ./nk3.nix?)"));
         }
         if self.nixos.current().as_deref() == Some(system.as_str()) {
+            self.let_go(&t.host)?;
             self.record_applied(&t.commit, system)?;
             info!(host = %t.host, commit = %c, "No action needed on {}: it already runs this system", t.host);
             return self.finish(

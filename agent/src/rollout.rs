@@ -333,6 +333,15 @@ impl Agent {
         self.finish(Outcome::Refused, Some(&t.commit), msg)
     }
 
+    /// Gives back what this node may still hold from an interrupted rollout (the lease, its
+    /// own cordon) once it finds it runs the wanted system without anything left to do.
+    pub(crate) fn let_go(&self, host: &str) -> anyhow::Result<()> {
+        if let Some(cluster) = self.cluster(host)? {
+            cluster.let_go()?;
+        }
+        Ok(())
+    }
+
     /// Resumes a phase that holds the lease, after a restart or a reboot. `Some` ends the
     /// pass.
     pub(crate) fn resume_held(&mut self, repo: &Repository) -> anyhow::Result<Option<Outcome>> {
@@ -390,6 +399,25 @@ impl Agent {
                     hold,
                     deadline,
                     rollback: reason,
+                };
+                Ok(Some(self.verify(v, &inv.rollout)?))
+            }
+            Phase::Switching {
+                commit,
+                system,
+                hold: Some(hold),
+                reboot: false,
+            } if self.nixos().current().as_deref() == Some(system.as_str()) => {
+                // The switch finished before the agent stopped: verify it, under the lease.
+                let inv = self.inventory_at(repo, &commit)?;
+                let deadline = SystemTime::now() + inv.rollout.health_timeout;
+                let v = Verify {
+                    commit,
+                    host,
+                    system,
+                    hold,
+                    deadline,
+                    rollback: None,
                 };
                 Ok(Some(self.verify(v, &inv.rollout)?))
             }

@@ -470,3 +470,96 @@ fn three_daemons_roll_one_node_at_a_time() {
     assert_eq!(most, 1, "max_unavailable is 1");
     assert!(cordoned.is_empty());
 }
+
+#[test]
+fn status_cluster_shows_every_node_the_lease_and_a_halt() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    let head = repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    node.pass_ok();
+    let o = run(&mut node.agent(&["status", "--cluster"]));
+    let text = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        text.contains(&format!("{HOST3:<40} Ready     no        {}", &head[..12])),
+        "{text}"
+    );
+    assert!(text.contains(HOST4) && text.contains(HOST5), "{text}");
+    assert!(text.contains("lease nk3-rollout: free"), "{text}");
+    let j: Value =
+        serde_json::from_slice(&run(&mut node.agent(&["status", "--json", "--cluster"])).stdout)
+            .unwrap();
+    assert_eq!(j["cluster"]["nodes"].as_array().unwrap().len(), 3);
+    let none = Node::new(&repo.url(), "172.30.190.4");
+    let o = run(&mut none.agent(&["status", "--cluster"]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not part of a cluster yet"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// The end of a rollout on one node, as the API and the node show it.
+fn settled(api: &ApiServer, node: &Node) -> (Value, Value, Option<String>, Value) {
+    let n = api.node(HOST3).unwrap();
+    (
+        node.state()["applied"].clone(),
+        node.state()["phase"]["name"].clone(),
+        holder(api),
+        n["spec"]["unschedulable"].clone(),
+    )
+}
+
+fn killed_under_the_lease(point: &str, policy: &str, reboots: usize) {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut node = member(&repo, &api, "172.30.190.3", HOST3);
+    let change = dns(&inventory(""), "9.9.9.9").replace("when-needed", policy);
+    let head = repo.commit("inventory.yaml", &change, "change");
+    node.env.push(("NK3_FAKE_KILL".into(), point.into()));
+    // Run until the kill point is reached (verification comes only after the reboot).
+    use std::os::unix::process::ExitStatusExt as _;
+    let killed = (0..3).any(|_| node.run_once().status.signal() == Some(9));
+    assert!(killed, "{point}: never killed");
+    node.env.clear();
+    for _ in 0..4 {
+        let _ = node.run_once();
+        if node.state()["phase"]["name"] == "idle" && node.state()["applied"] == head.as_str() {
+            break;
+        }
+    }
+    assert_eq!(
+        settled(&api, &node),
+        (json!(head), json!("idle"), None, Value::Null),
+        "{point}"
+    );
+    let real_reboots = node
+        .calls("systemctl")
+        .iter()
+        .filter(|c| *c == "reboot")
+        .count()
+        - usize::from(point == "reboot-start");
+    assert_eq!(real_reboots, reboots, "{point}: reboots");
+    let rollbacks = node
+        .calls("nixos-rebuild")
+        .iter()
+        .filter(|c| c.contains("--rollback"))
+        .count();
+    assert_eq!(rollbacks, 0, "{point}: a kill is not a failed generation");
+}
+
+#[test]
+fn killed_at_any_step_under_the_lease_it_ends_released_and_uncordoned() {
+    for point in ["build-end", "switch-start", "switch-end", "is-active-start"] {
+        killed_under_the_lease(point, "when-needed", 0);
+    }
+    for point in ["boot-start", "boot-end", "reboot-start", "is-active-start"] {
+        killed_under_the_lease(point, "always", 1);
+    }
+}

@@ -30,6 +30,8 @@ struct Report<'a> {
     running: bool,
     state: Option<&'a State>,
     host: HostFacts,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<&'a crate::cluster::Overview>,
 }
 
 /// Prints the status; exit 1 when the last pass failed or a commit was refused.
@@ -38,16 +40,35 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let st = state::peek(dir)?;
     let running = state::Lock::held(dir);
     let host = host_facts();
+    let cluster = if args.cluster {
+        let me = st
+            .as_ref()
+            .and_then(|s| s.host.clone())
+            .unwrap_or_else(|| host.hostname.clone().unwrap_or_default());
+        match crate::cluster::Cluster::connect(&args.agent.kubeconfig, &me)? {
+            Some(c) => Some(c.overview()?),
+            None => anyhow::bail!(
+                "no kubeconfig at {}: this node is not part of a cluster yet (or pass --kubeconfig)",
+                args.agent.kubeconfig.display()
+            ),
+        }
+    } else {
+        None
+    };
     if args.json {
         let report = Report {
             state_dir: dir.display().to_string(),
             running,
             state: st.as_ref(),
             host,
+            cluster: cluster.as_ref(),
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_human(dir, running, st.as_ref(), &host);
+        if let Some(o) = &cluster {
+            print_cluster(o);
+        }
     }
     let healthy = st.as_ref().and_then(|s| s.last.as_ref()).is_none_or(|l| {
         matches!(
@@ -133,6 +154,30 @@ fn print_human(dir: &std::path::Path, running: bool, st: Option<&State>, host: &
             host.memory_total_bytes / (1024 * 1024),
         ),
     );
+}
+
+fn print_cluster(o: &crate::cluster::Overview) {
+    println!();
+    println!(
+        "{:<40} {:<9} {:<9} {:<13} phase",
+        "node", "ready", "cordoned", "commit"
+    );
+    for n in &o.nodes {
+        println!(
+            "{:<40} {:<9} {:<9} {:<13} {}",
+            n.name,
+            if n.ready { "Ready" } else { "NotReady" },
+            if n.cordoned { "yes" } else { "no" },
+            short(n.applied_commit.as_deref()),
+            n.phase.as_deref().unwrap_or("-")
+        );
+    }
+    for (lease, holder) in &o.leases {
+        println!("lease {lease}: {}", holder.as_deref().unwrap_or("free"));
+    }
+    if let Some((commit, node, reason)) = &o.halted {
+        println!("HALTED commit {} by {node}: {reason}", short(Some(commit)));
+    }
 }
 
 fn outcome_word(o: state::Outcome) -> &'static str {
