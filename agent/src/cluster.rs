@@ -160,10 +160,17 @@ impl Cluster {
 
     /// The health gate: every other node Ready and not cordoned by nk3, and the watched
     /// namespaces' workloads available.
-    pub fn gate(&self, watch_namespaces: &[String]) -> Result<Result<(), NotSafe>, KubeError> {
+    ///
+    /// Only the inventory's nodes (`members`; empty: every node) count: a node taken out of
+    /// the inventory no longer holds the rollout up, even if its Node object lingers.
+    pub fn gate(
+        &self,
+        members: &[String],
+        watch_namespaces: &[String],
+    ) -> Result<Result<(), NotSafe>, KubeError> {
         for n in self.kube.nodes()? {
             let name = name_of(&n);
-            if name == self.me {
+            if name == self.me || !(members.is_empty() || members.contains(&name)) {
                 continue;
             }
             if !is_ready(&n) {
@@ -934,19 +941,32 @@ mod tests {
             api.add_node(n, true);
         }
         let c = cluster(&api, "n1");
-        assert_eq!(c.gate(&[]).unwrap(), Ok(()));
+        assert_eq!(c.gate(&[], &[]).unwrap(), Ok(()));
         api.set_ready("n2", false);
-        assert_eq!(c.gate(&[]).unwrap(), Err("node n2 is NotReady".to_string()));
+        assert_eq!(
+            c.gate(&[], &[]).unwrap(),
+            Err("node n2 is NotReady".to_string())
+        );
         api.set_ready("n2", true);
         cluster(&api, "n3").cordon().unwrap();
         assert_eq!(
-            c.gate(&[]).unwrap(),
+            c.gate(&[], &[]).unwrap(),
             Err("node n3 is cordoned by nk3".to_string())
         );
+        // A node that is no member of the inventory does not hold the rollout up.
+        api.set_ready("n2", false);
+        assert_eq!(
+            c.gate(&["n1".into(), "n3".into()], &[]).unwrap(),
+            Err("node n3 is cordoned by nk3".to_string())
+        );
+        cluster(&api, "n3").uncordon(false).unwrap();
+        assert_eq!(c.gate(&["n1".into(), "n3".into()], &[]).unwrap(), Ok(()));
+        cluster(&api, "n3").cordon().unwrap();
+        api.set_ready("n2", true);
         // This node's own state does not block it.
         api.set_ready("n1", false);
         cluster(&api, "n3").uncordon(false).unwrap();
-        assert_eq!(c.gate(&[]).unwrap(), Ok(()));
+        assert_eq!(c.gate(&[], &[]).unwrap(), Ok(()));
     }
 
     #[test]

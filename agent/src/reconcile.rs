@@ -86,6 +86,8 @@ pub struct Target {
     pub rollout: Rollout,
     /// Namespaces whose workloads must be healthy before a node is disrupted.
     pub watch_namespaces: Vec<String>,
+    /// The hostnames of every node of the inventory.
+    pub members: Vec<String>,
     /// The channel to follow, if any.
     pub channel: Option<String>,
     /// The token to write for k3s, if the inventory has one (redacted from every output).
@@ -466,6 +468,7 @@ impl Agent {
             reboot: inv.rollout.reboot,
             rollout: inv.rollout.clone(),
             watch_namespaces: inv.watch_namespaces.clone(),
+            members: inv.nodes.iter().map(|n| n.hostname.clone()).collect(),
             channel: inv.nix_channel.clone(),
             secrets: secrets(&inv),
             token: match (&inv.join_token_file, &inv.join_token) {

@@ -97,7 +97,7 @@ impl Agent {
             }
         };
         // 6. The gate, checked with the lease held so nobody else changes the picture.
-        if let Err(why) = cluster.gate(&t.watch_namespaces)? {
+        if let Err(why) = cluster.gate(&t.members, &t.watch_namespaces)? {
             cluster.release(&lease)?;
             let msg = format!("not disrupting {}: {why}", t.host);
             info!(host = %t.host, commit = %c, "{msg}");

@@ -563,3 +563,87 @@ fn killed_at_any_step_under_the_lease_it_ends_released_and_uncordoned() {
         killed_under_the_lease(point, "always", 1);
     }
 }
+
+#[test]
+fn a_dead_holder_loses_the_lease_at_expiry_and_then_the_gate_waits_for_it() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut node = member(&repo, &api, "172.30.190.3", HOST3);
+    node.env.push(("NK3_POLL_INTERVAL".into(), "1s".into()));
+    // Node .4 took the lease and died: its claim runs out in 3 s, and it is NotReady.
+    api.set(
+        "leases",
+        "kube-system",
+        "nk3-rollout",
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {},
+            "spec": { "holderIdentity": HOST4, "leaseDurationSeconds": 3,
+                      "renewTime": now_micro(), "acquireTime": now_micro(), "leaseTransitions": 0 },
+        }),
+    );
+    api.set_ready(HOST4, false);
+    repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let log = stderr(&node.run_once());
+    assert!(
+        log.contains(&format!("held by {HOST4}")),
+        "nobody takes a live holder's lease:\n{log}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let log = stderr(&node.run_once());
+    assert!(log.contains(&format!("node {HOST4} is NotReady")), "{log}");
+    assert_eq!(
+        lease(&api)["spec"]["leaseTransitions"],
+        1,
+        "taken over at expiry"
+    );
+    assert_eq!(holder(&api), None, "and given back: the gate says no");
+    assert!(api.node(HOST3).unwrap()["spec"]["unschedulable"].is_null());
+    // The dead node is taken out of the inventory: the rollout goes on.
+    let without = dns(&inventory(""), "9.9.9.9").replace(
+        "    172.30.190.4: { interface: enp3s0f0, boot_device: /dev/nvme0n1 }\n",
+        "",
+    );
+    let head = repo.commit("inventory.yaml", &without, "remove the dead node");
+    node.pass_ok();
+    assert_eq!(node.state()["applied"], head.as_str());
+}
+
+#[test]
+fn the_api_down_mid_rollout_changes_nothing_and_the_rollout_goes_on_when_it_is_back() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    let head = repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    api.set_unreachable(true);
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("cannot reach the k3s API"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        node.calls("nixos-rebuild")
+            .iter()
+            .all(|c| c.starts_with("build")),
+        "not switched"
+    );
+    assert_eq!(node.state()["phase"]["name"], "built");
+    api.set_unreachable(false);
+    node.pass_ok();
+    assert_eq!(node.state()["applied"], head.as_str());
+    let builds = node
+        .calls("nixos-rebuild")
+        .iter()
+        .filter(|c| c.starts_with("build"))
+        .count();
+    assert_eq!(builds, 1);
+}
