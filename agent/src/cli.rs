@@ -30,6 +30,8 @@ pub enum Command {
     Status(Box<StatusArgs>),
     /// Show what `run --once` would do now, with the diff, without doing it.
     Plan(Box<AgentArgs>),
+    /// Make every agent of the cluster fetch now, instead of at its next poll.
+    Nudge(NudgeArgs),
     /// Print one node's configuration.nix, or write every node's with --all.
     Render(Box<RenderArgs>),
     /// Check an inventory; print every problem as file:line: key: message.
@@ -211,6 +213,18 @@ pub struct AgentArgs {
     /// How this machine is recognised and what its default route is.
     #[command(flatten)]
     pub machine: MachineArgs,
+}
+
+/// `nk3-agent nudge`.
+#[derive(Debug, Args)]
+pub struct NudgeArgs {
+    /// The commit just pushed (recorded on the Lease as nk3.io/desired-commit); any value
+    /// that differs from the last one wakes the agents.
+    #[arg(long, value_name = "SHA")]
+    pub commit: Option<String>,
+    /// Credentials for the k3s API.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_KUBECONFIG, default_value = "/etc/rancher/k3s/k3s.yaml")]
+    pub kubeconfig: PathBuf,
 }
 
 /// `nk3-agent validate`.

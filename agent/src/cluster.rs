@@ -34,6 +34,8 @@ pub const HALTED_COMMIT: &str = "nk3.io/halted-commit";
 pub const HALTED_REASON: &str = "nk3.io/halted-reason";
 /// Lease annotation: which node halted it.
 pub const HALTED_NODE: &str = "nk3.io/halted-node";
+/// Lease annotation set by `nk3-agent nudge` (or CI): fetch now.
+pub const DESIRED_COMMIT: &str = "nk3.io/desired-commit";
 
 /// The cluster, as this node sees it.
 #[derive(Debug)]
@@ -441,6 +443,77 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Sets an annotation on the first lease (creating it, free, if there is none).
+    fn annotate_lease(&self, key: &str, value: Option<&str>) -> Result<(), KubeError> {
+        for _ in 0..5 {
+            let mut l = match self.kube.lease(NAMESPACE, LEASE_FIRST)? {
+                Some(l) => l,
+                None => {
+                    let l = Lease {
+                        metadata: ObjectMeta {
+                            name: Some(LEASE_FIRST.into()),
+                            namespace: Some(NAMESPACE.into()),
+                            ..ObjectMeta::default()
+                        },
+                        spec: Some(LeaseSpec::default()),
+                    };
+                    match self.kube.create_lease(NAMESPACE, &l) {
+                        Ok(l) => l,
+                        Err(e) if e.code() == Some(409) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            let a = l.metadata.annotations.get_or_insert_with(BTreeMap::new);
+            match value {
+                Some(v) => a.insert(key.into(), v.into()),
+                None => a.remove(key),
+            };
+            match self.kube.replace_lease(NAMESPACE, &l) {
+                Err(e) if e.code() == Some(409) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks every agent to fetch now (`nk3-agent nudge`).
+    pub fn nudge(&self, commit: &str) -> Result<(), KubeError> {
+        self.annotate_lease(DESIRED_COMMIT, Some(commit))
+    }
+
+    /// Waits up to `timeout`, watching the first lease, for its desired-commit annotation to
+    /// change; returns the new value. Used between polls, so a nudge is picked up at once.
+    pub fn wait_for_nudge(&self, timeout: Duration) -> Result<Option<String>, KubeError> {
+        let deadline = Instant::now() + timeout;
+        let desired = |l: &Option<Lease>| {
+            l.as_ref()
+                .and_then(|l| l.metadata.annotations.as_ref())
+                .and_then(|a| a.get(DESIRED_COMMIT).cloned())
+        };
+        let first = self.kube.lease(NAMESPACE, LEASE_FIRST)?;
+        let before = desired(&first);
+        let mut rv = first
+            .and_then(|l| l.metadata.resource_version)
+            .unwrap_or_else(|| "0".into());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left < Duration::from_secs(1) {
+                return Ok(None);
+            }
+            if !self.kube.watch_lease(NAMESPACE, LEASE_FIRST, &rv, left)? {
+                return Ok(None);
+            }
+            let now = self.kube.lease(NAMESPACE, LEASE_FIRST)?;
+            if desired(&now) != before {
+                return Ok(desired(&now));
+            }
+            rv = now
+                .and_then(|l| l.metadata.resource_version)
+                .unwrap_or_else(|| "0".into());
+        }
     }
 
     /// Lifts a halt (a newer commit was applied).

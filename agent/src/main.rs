@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         cli::Command::Plan(args) => commands::plan::run(&args),
         cli::Command::Render(args) => commands::render::run(&args),
         cli::Command::Validate(args) => commands::validate::run(&args),
+        cli::Command::Nudge(args) => commands::nudge::run(&args),
         cli::Command::Completions { shell } => commands::docs::completions(shell),
         cli::Command::Man => commands::docs::man(),
     };

@@ -647,3 +647,42 @@ fn the_api_down_mid_rollout_changes_nothing_and_the_rollout_goes_on_when_it_is_b
         .count();
     assert_eq!(builds, 1);
 }
+
+#[test]
+fn a_nudge_makes_a_waiting_daemon_fetch_at_once() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    let _daemon = Running(
+        node.agent(&["run"])
+            .env("NK3_POLL_INTERVAL", "10m")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Let the first pass finish; the daemon then waits ten minutes for its next poll.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.state()["next_poll"].is_null() {
+        assert!(Instant::now() < deadline, "the first pass never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let head = repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let o = run(node
+        .agent(&["nudge", "--commit", &head])
+        .env("NK3_KUBECONFIG", node.root.join("etc/rancher/k3s/k3s.yaml")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.state()["applied"] != head.as_str() {
+        assert!(Instant::now() < deadline, "the nudge was not picked up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        lease(&api)["metadata"]["annotations"]["nk3.io/desired-commit"],
+        head.as_str()
+    );
+}

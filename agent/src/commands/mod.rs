@@ -1,6 +1,7 @@
 //! One module per subcommand. Each returns the exit code, or an error for `main` to report.
 
 pub mod docs;
+pub mod nudge;
 pub mod plan;
 pub mod render;
 pub mod run;

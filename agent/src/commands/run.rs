@@ -187,8 +187,23 @@ async fn daemon(
             }
         }
         notify(&[NotifyState::Status(&status_line(&agent))]);
+        // Until the next poll, watch the rollout Lease for a nudge (when this node is part
+        // of a cluster), so that a push announced with `nk3-agent nudge` is fetched at once.
+        let kubeconfig = agent.settings().kubeconfig.clone();
+        let host = agent
+            .state
+            .host
+            .clone()
+            .unwrap_or_else(|| "nk3-agent".into());
+        let nudge = tokio::task::spawn_blocking(move || {
+            match crate::cluster::Cluster::connect(&kubeconfig, &host) {
+                Ok(Some(c)) => c.wait_for_nudge(wait).ok().flatten(),
+                _ => None,
+            }
+        });
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            Ok(Some(commit)) = nudge => info!("nudged (desired commit {commit}): fetching now"),
             _ = term.recv() => return Ok(stopped("SIGTERM")),
             _ = int.recv() => return Ok(stopped("SIGINT")),
         }
