@@ -686,3 +686,75 @@ fn a_nudge_makes_a_waiting_daemon_fetch_at_once() {
         head.as_str()
     );
 }
+
+/// Checks a Lease against the schema extracted from the Kubernetes OpenAPI spec
+/// (`tests/data/kubernetes/lease.schema.json`): no property the API does not define, each
+/// of the type it defines.
+fn check_lease_shape(lease: &Value, schema: &Value) -> Result<(), String> {
+    let props = |name: &str| schema[name]["properties"].as_object().unwrap().clone();
+    for (k, _) in lease.as_object().ok_or("not an object")? {
+        if !props("io.k8s.api.coordination.v1.Lease").contains_key(k) {
+            return Err(format!("Lease has no property {k}"));
+        }
+    }
+    let spec_props = props("io.k8s.api.coordination.v1.LeaseSpec");
+    for (k, v) in lease["spec"].as_object().ok_or("spec is not an object")? {
+        let def = spec_props
+            .get(k)
+            .ok_or(format!("LeaseSpec has no property {k}"))?;
+        let ok = if v.is_null() {
+            true
+        } else if def["$ref"] == "io.k8s.apimachinery.pkg.apis.meta.v1.MicroTime" {
+            // RFC 3339 with microseconds, as the API server writes MicroTime.
+            v.as_str().is_some_and(|s| {
+                regex::Regex::new(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+                    .unwrap()
+                    .is_match(s)
+            })
+        } else {
+            match def["type"].as_str() {
+                Some("string") => v.is_string(),
+                Some("integer") => v.as_i64().is_some_and(|n| i32::try_from(n).is_ok()),
+                _ => false,
+            }
+        };
+        if !ok {
+            return Err(format!("LeaseSpec.{k} = {v} does not fit {def}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_lease_the_agents_write_has_the_shape_the_kubernetes_api_defines() {
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/data/kubernetes/lease.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    node.pass_ok();
+    let leases: Vec<Value> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.resource == "leases")
+        .map(|w| w.object)
+        .collect();
+    assert!(leases.len() >= 2, "acquire and release at least");
+    for l in &leases {
+        check_lease_shape(l, &schema).unwrap_or_else(|e| panic!("{e}: {l}"));
+    }
+    // The checker is not blind.
+    let mut wrong = leases[0].clone();
+    wrong["spec"]["holder"] = json!("x");
+    assert!(check_lease_shape(&wrong, &schema).is_err());
+    wrong = leases[0].clone();
+    wrong["spec"]["leaseDurationSeconds"] = json!("600");
+    assert!(check_lease_shape(&wrong, &schema).is_err());
+}
