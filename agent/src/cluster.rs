@@ -1094,6 +1094,7 @@ mod tests {
 /// The lease handoff benchmark (`scripts/bench-handoff`): the time from one node's release
 /// to the next holder's write, with the waiter watching the Lease as the agent does.
 #[cfg(test)]
+#[allow(clippy::print_stdout)] // a benchmark prints its figures
 mod bench {
     use super::*;
     use nk3_apiserver::ApiServer;

@@ -698,6 +698,7 @@ fn check_lease_shape(lease: &Value, schema: &Value) -> Result<(), String> {
         }
     }
     let spec_props = props("io.k8s.api.coordination.v1.LeaseSpec");
+    let micro_time = regex::Regex::new(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$").unwrap();
     for (k, v) in lease["spec"].as_object().ok_or("spec is not an object")? {
         let def = spec_props
             .get(k)
@@ -706,11 +707,7 @@ fn check_lease_shape(lease: &Value, schema: &Value) -> Result<(), String> {
             true
         } else if def["$ref"] == "io.k8s.apimachinery.pkg.apis.meta.v1.MicroTime" {
             // RFC 3339 with microseconds, as the API server writes MicroTime.
-            v.as_str().is_some_and(|s| {
-                regex::Regex::new(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-                    .unwrap()
-                    .is_match(s)
-            })
+            v.as_str().is_some_and(|s| micro_time.is_match(s))
         } else {
             match def["type"].as_str() {
                 Some("string") => v.is_string(),
