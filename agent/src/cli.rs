@@ -171,6 +171,10 @@ pub struct AgentArgs {
     /// The nix-channel program.
     #[arg(long, value_name = "CMD", env = env_vars::NK3_NIX_CHANNEL, default_value = "nix-channel")]
     pub nix_channel: PathBuf,
+    /// The kubectl program, used only for the optional Ceph check (`ceph status` in the
+    /// rook-ceph tools pod).
+    #[arg(long, value_name = "CMD", env = env_vars::NK3_KUBECTL, default_value = "kubectl")]
+    pub kubectl: PathBuf,
     /// The git program, used only to verify commit signatures.
     #[arg(long, value_name = "CMD", env = env_vars::NK3_GIT, default_value = "git")]
     pub git: PathBuf,

@@ -43,6 +43,8 @@ pub struct Cluster {
     kube: Arc<Kube>,
     /// This node's name in Kubernetes (its hostname).
     pub me: String,
+    kubeconfig: std::path::PathBuf,
+    kubectl: std::path::PathBuf,
 }
 
 /// A commit halted cluster-wide.
@@ -133,7 +135,40 @@ impl Cluster {
         Ok(Some(Cluster {
             kube: Arc::new(Kube::new(&cfg)?),
             me: me.to_string(),
+            kubeconfig: path.to_path_buf(),
+            kubectl: "kubectl".into(),
         }))
+    }
+
+    /// Uses `kubectl` (for the Ceph check, which runs `ceph status` in the tools pod).
+    pub fn with_kubectl(mut self, kubectl: &std::path::Path) -> Cluster {
+        self.kubectl = kubectl.to_path_buf();
+        self
+    }
+
+    /// The optional Ceph check: `ceph status` in the rook-ceph tools deployment, judged with
+    /// the inventory's tolerated warnings.
+    pub fn ceph_healthy(&self, ceph: &nk3_common::inventory::Ceph) -> Result<(), String> {
+        let out = std::process::Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args([
+                "-n",
+                &ceph.namespace,
+                "exec",
+                &format!("deploy/{}", ceph.deployment),
+            ])
+            .args(["--", "ceph", "status", "--format", "json"])
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.kubectl.display()))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!(
+                "ceph status failed: {}",
+                err.lines().last().unwrap_or("no output")
+            ));
+        }
+        ceph.judge(&String::from_utf8_lossy(&out.stdout))
     }
 
     /// The commit halted cluster-wide, if any (kept on the first lease).
@@ -169,6 +204,7 @@ impl Cluster {
         &self,
         members: &[String],
         watch_namespaces: &[String],
+        ceph: Option<&nk3_common::inventory::Ceph>,
     ) -> Result<Result<(), NotSafe>, KubeError> {
         for n in self.kube.nodes()? {
             let name = name_of(&n);
@@ -189,6 +225,11 @@ impl Cluster {
         }
         for ns in watch_namespaces {
             if let Some(why) = self.workloads_unhealthy(ns)? {
+                return Ok(Err(why));
+            }
+        }
+        if let Some(c) = ceph {
+            if let Err(why) = self.ceph_healthy(c) {
                 return Ok(Err(why));
             }
         }
@@ -671,8 +712,10 @@ impl Cluster {
         &self,
         systemctl: &std::path::Path,
         ready_before: &[String],
-        checks: &[HealthCheck],
+        rollout: &nk3_common::inventory::Rollout,
+        watch_namespaces: &[String],
     ) -> Result<(), String> {
+        let checks: &[HealthCheck] = &rollout.health_checks;
         let active = std::process::Command::new(systemctl)
             .args(["is-active", "--quiet", "k3s.service"])
             .status()
@@ -690,6 +733,14 @@ impl Cluster {
         }
         if let Some(n) = ready_before.iter().find(|n| !now_ready.contains(n)) {
             return Err(format!("node {n} was Ready before and is not now"));
+        }
+        for ns in watch_namespaces {
+            if let Some(why) = self.workloads_unhealthy(ns).map_err(|e| e.to_string())? {
+                return Err(why);
+            }
+        }
+        if let Some(c) = &rollout.ceph {
+            self.ceph_healthy(c)?;
         }
         for c in checks {
             match c {
@@ -1014,32 +1065,35 @@ mod tests {
             api.add_node(n, true);
         }
         let c = cluster(&api, "n1");
-        assert_eq!(c.gate(&[], &[]).unwrap(), Ok(()));
+        assert_eq!(c.gate(&[], &[], None).unwrap(), Ok(()));
         api.set_ready("n2", false);
         assert_eq!(
-            c.gate(&[], &[]).unwrap(),
+            c.gate(&[], &[], None).unwrap(),
             Err("node n2 is NotReady".to_string())
         );
         api.set_ready("n2", true);
         cluster(&api, "n3").cordon().unwrap();
         assert_eq!(
-            c.gate(&[], &[]).unwrap(),
+            c.gate(&[], &[], None).unwrap(),
             Err("node n3 is cordoned by nk3".to_string())
         );
         // A node that is no member of the inventory does not hold the rollout up.
         api.set_ready("n2", false);
         assert_eq!(
-            c.gate(&["n1".into(), "n3".into()], &[]).unwrap(),
+            c.gate(&["n1".into(), "n3".into()], &[], None).unwrap(),
             Err("node n3 is cordoned by nk3".to_string())
         );
         cluster(&api, "n3").uncordon(false).unwrap();
-        assert_eq!(c.gate(&["n1".into(), "n3".into()], &[]).unwrap(), Ok(()));
+        assert_eq!(
+            c.gate(&["n1".into(), "n3".into()], &[], None).unwrap(),
+            Ok(())
+        );
         cluster(&api, "n3").cordon().unwrap();
         api.set_ready("n2", true);
         // This node's own state does not block it.
         api.set_ready("n1", false);
         cluster(&api, "n3").uncordon(false).unwrap();
-        assert_eq!(c.gate(&[], &[]).unwrap(), Ok(()));
+        assert_eq!(c.gate(&[], &[], None).unwrap(), Ok(()));
     }
 
     #[test]

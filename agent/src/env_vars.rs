@@ -55,3 +55,5 @@ pub const NK3_LOG_LEVEL: &str = "NK3_LOG_LEVEL";
 pub const NK3_GIT_TIMEOUT: &str = "NK3_GIT_TIMEOUT";
 /// Address of the Prometheus metrics endpoint; unset: no endpoint.
 pub const NK3_METRICS_ADDRESS: &str = "NK3_METRICS_ADDRESS";
+/// The kubectl command (Ceph check).
+pub const NK3_KUBECTL: &str = "NK3_KUBECTL";

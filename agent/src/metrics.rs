@@ -102,6 +102,22 @@ pub fn render(s: &Snapshot) -> String {
     );
     let _ = writeln!(
         out,
+        "# HELP nk3_lease_held 1 while this node holds the rollout lease.\n# TYPE nk3_lease_held gauge"
+    );
+    let _ = writeln!(
+        out,
+        "nk3_lease_held {}",
+        u8::from(st.phase.hold().is_some())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP nk3_last_rollout_duration_seconds How long this node's last disruption held the lease.\n# TYPE nk3_last_rollout_duration_seconds gauge"
+    );
+    if let Some(secs) = st.last_rollout_seconds {
+        let _ = writeln!(out, "nk3_last_rollout_duration_seconds {secs}");
+    }
+    let _ = writeln!(
+        out,
         "# HELP nk3_passes_total Passes since the agent started.\n# TYPE nk3_passes_total counter"
     );
     let _ = writeln!(out, "nk3_passes_total {}", s.counters.passes);
@@ -178,6 +194,7 @@ mod tests {
             at: "2026-11-23T10:00:00Z".into(),
         });
         s.counters.passes = 7;
+        s.state.last_rollout_seconds = Some(42);
         let text = render(&s);
         for want in [
             "nk3_phase{phase=\"building\"} 1",
@@ -187,6 +204,8 @@ mod tests {
             "nk3_last_pass_outcome{outcome=\"applied\"} 0",
             "nk3_last_pass_timestamp_seconds 1795428000",
             "nk3_passes_total 7",
+            "nk3_last_rollout_duration_seconds 42",
+            "nk3_lease_held 0",
             "nk3_repository_reachable 1",
         ] {
             assert!(text.contains(want), "missing {want}:\n{text}");

@@ -772,6 +772,7 @@ impl Agent {
                 hold,
                 deadline: SystemTime::now() + t.rollout.health_timeout,
                 rollback: None,
+                watch: t.watch_namespaces.clone(),
             };
             return self.verify(v, &t.rollout);
         }

@@ -29,6 +29,8 @@ pub(crate) struct Verify {
     pub deadline: SystemTime,
     /// With a rollback: why the new generation was rolled back.
     pub rollback: Option<String>,
+    /// Namespaces whose workloads must be healthy.
+    pub watch: Vec<String>,
 }
 
 /// How often verification looks again.
@@ -38,7 +40,8 @@ impl Agent {
     /// The cluster this node belongs to, or `None` before its k3s ever ran (bootstrap: no
     /// kubeconfig yet), when it applies without the lease.
     pub(crate) fn cluster(&self, host: &str) -> anyhow::Result<Option<Arc<Cluster>>> {
-        Ok(Cluster::connect(&self.settings().kubeconfig, host)?.map(Arc::new))
+        Ok(Cluster::connect(&self.settings().kubeconfig, host)?
+            .map(|c| Arc::new(c.with_kubectl(&self.settings().kubectl))))
     }
 
     /// The inventory at `commit`, for the rollout settings of an apply resumed after a
@@ -97,7 +100,7 @@ impl Agent {
             }
         };
         // 6. The gate, checked with the lease held so nobody else changes the picture.
-        if let Err(why) = cluster.gate(&t.members, &t.watch_namespaces)? {
+        if let Err(why) = cluster.gate(&t.members, &t.watch_namespaces, t.rollout.ceph.as_ref())? {
             cluster.release(&lease)?;
             let msg = format!("not disrupting {}: {why}", t.host);
             info!(host = %t.host, commit = %c, "{msg}");
@@ -109,6 +112,7 @@ impl Agent {
             lease,
             was_unschedulable: false,
             ready_before,
+            since: Some(state::now()),
         };
         // 8. Drain.
         self.state.phase = Phase::Draining {
@@ -161,6 +165,7 @@ impl Agent {
             hold,
             deadline,
             rollback,
+            watch,
         } = v;
         let (commit, host) = (commit.as_str(), host.as_str());
         let c = short(Some(commit)).to_string();
@@ -183,7 +188,7 @@ impl Agent {
         let _ = cluster.annotate(None, "verifying");
         let systemctl = self.settings().systemctl.clone();
         let outcome = loop {
-            match cluster.healthy(&systemctl, &hold.ready_before, &rollout.health_checks) {
+            match cluster.healthy(&systemctl, &hold.ready_before, rollout, &watch) {
                 Ok(()) => break Ok(()),
                 Err(why) if SystemTime::now() >= deadline => break Err(why),
                 Err(_) => std::thread::sleep(VERIFY_EVERY),
@@ -198,6 +203,7 @@ impl Agent {
                     cluster.lift_halt()?;
                 }
                 cluster.release(&hold.lease)?;
+                self.state.last_rollout_seconds = held_for(&hold);
                 self.record_applied(commit, system)?;
                 cluster.event(
                     "Ready",
@@ -218,7 +224,7 @@ impl Agent {
                     &format!("commit {c} is unhealthy: {why}"),
                     true,
                 );
-                self.roll_back(commit, host, hold, rollout, why)
+                self.roll_back(commit, host, hold, rollout, why, watch)
             }
             (Ok(()), Some(reason)) => {
                 let why = format!("{host} was unhealthy on it ({reason}) and rolled back");
@@ -226,6 +232,7 @@ impl Agent {
                 cluster.uncordon(hold.was_unschedulable)?;
                 let _ = cluster.annotate(self.state.applied.as_deref(), "idle");
                 cluster.release(&hold.lease)?;
+                self.state.last_rollout_seconds = held_for(&hold);
                 let had_previous = self.previous_path().exists();
                 self.restore(had_previous)?;
                 let current = self.nixos().current();
@@ -268,6 +275,7 @@ impl Agent {
         hold: Hold,
         rollout: &inventory::Rollout,
         why: String,
+        watch: Vec<String>,
     ) -> anyhow::Result<Outcome> {
         let c = short(Some(commit)).to_string();
         let previous = self.state.applied_system.clone().unwrap_or_default();
@@ -311,6 +319,7 @@ impl Agent {
             hold,
             deadline,
             rollback: Some(why),
+            watch,
         };
         self.verify(v, rollout)
     }
@@ -377,6 +386,7 @@ impl Agent {
                     hold,
                     deadline,
                     rollback: reason,
+                    watch: inv.watch_namespaces.clone(),
                 };
                 Ok(Some(self.verify(v, &inv.rollout)?))
             }
@@ -399,6 +409,7 @@ impl Agent {
                     hold,
                     deadline,
                     rollback: reason,
+                    watch: inv.watch_namespaces.clone(),
                 };
                 Ok(Some(self.verify(v, &inv.rollout)?))
             }
@@ -418,6 +429,7 @@ impl Agent {
                     hold,
                     deadline,
                     rollback: None,
+                    watch: inv.watch_namespaces.clone(),
                 };
                 Ok(Some(self.verify(v, &inv.rollout)?))
             }
@@ -447,6 +459,15 @@ impl Agent {
             _ => Ok(None),
         }
     }
+}
+
+/// How long the lease has been held.
+fn held_for(hold: &Hold) -> Option<u64> {
+    let since = humantime::parse_rfc3339(hold.since.as_deref()?).ok()?;
+    SystemTime::now()
+        .duration_since(since)
+        .ok()
+        .map(|d| d.as_secs())
 }
 
 /// Whether a frozen node should stay frozen for `head`.

@@ -179,6 +179,7 @@ mod tests {
                 lease: "nk3-rollout".into(),
                 was_unschedulable: true,
                 ready_before: vec!["a".into(), "b".into()],
+                since: Some("2026-11-23T10:00:00Z".into()),
             }),
         };
         save(dir.path(), &s).unwrap();

@@ -15,6 +15,9 @@ pub struct Hold {
     pub was_unschedulable: bool,
     /// The nodes that were Ready before the disruption; they must be Ready after.
     pub ready_before: Vec<String>,
+    /// When the lease was taken (RFC 3339), for the rollout's duration.
+    #[serde(default)]
+    pub since: Option<String>,
 }
 
 /// Where a node is in applying a commit.
@@ -231,6 +234,8 @@ pub struct State {
     pub last_upgrade: Option<String>,
     /// When the next poll is due (RFC 3339).
     pub next_poll: Option<String>,
+    /// How long this node's last disruption took, lease taken to lease released (seconds).
+    pub last_rollout_seconds: Option<u64>,
 }
 
 impl Default for State {
@@ -251,6 +256,7 @@ impl Default for State {
             channel: None,
             last_upgrade: None,
             next_poll: None,
+            last_rollout_seconds: None,
         }
     }
 }

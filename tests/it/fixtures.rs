@@ -276,6 +276,7 @@ impl Node {
             .env("NK3_NIXOS_REBUILD", bin.join("nixos-rebuild"))
             .env("NK3_SYSTEMCTL", bin.join("systemctl"))
             .env("NK3_NIX_CHANNEL", bin.join("nix-channel"))
+            .env("NK3_KUBECTL", bin.join("kubectl"))
             .env("NK3_CURRENT_SYSTEM", r.join("run/current-system"))
             .env("NK3_BOOTED_SYSTEM", r.join("run/booted-system"))
             .env("NK3_BOOT_ID_FILE", r.join("boot_id"))

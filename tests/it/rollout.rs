@@ -89,6 +89,11 @@ fn a_member_applies_under_the_lease_and_leaves_the_cluster_as_it_found_it() {
         assert!(log.contains(&want), "{want}:\n{log}");
     }
     assert_eq!(node.state()["applied"], head.as_str());
+    assert!(
+        node.state()["last_rollout_seconds"].is_u64(),
+        "{}",
+        node.state()
+    );
     assert_eq!(holder(&api), None, "released");
     let n = api.node(HOST3).unwrap();
     assert!(n["spec"]["unschedulable"].is_null(), "uncordoned: {n}");
@@ -754,4 +759,74 @@ fn every_lease_the_agents_write_has_the_shape_the_kubernetes_api_defines() {
     wrong = leases[0].clone();
     wrong["spec"]["leaseDurationSeconds"] = json!("600");
     assert!(check_lease_shape(&wrong, &schema).is_err());
+}
+
+#[test]
+fn ceph_must_be_healthy_but_for_the_warnings_the_inventory_tolerates() {
+    let api = api();
+    let with_ceph = inventory("").replace(
+        "    drain_timeout: 2s\n",
+        "    drain_timeout: 2s\n    ceph: { tolerate: [ OSDMAP_FLAGS ] }\n",
+    );
+    let repo = Repo::with_inventory(&with_ceph);
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    std::fs::write(
+        node.root.join("ceph-status.json"),
+        r#"{"health":{"status":"HEALTH_WARN","checks":{"OSDMAP_FLAGS":{},"PG_DEGRADED":{}}}}"#,
+    )
+    .unwrap();
+    let head = repo.commit("inventory.yaml", &dns(&with_ceph, "9.9.9.9"), "resolver");
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("ceph is HEALTH_WARN: PG_DEGRADED"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(holder(&api), None);
+    assert!(node.calls("kubectl")[0]
+        .ends_with("-n rook-ceph exec deploy/rook-ceph-tools -- ceph status --format json"));
+    std::fs::write(
+        node.root.join("ceph-status.json"),
+        r#"{"health":{"status":"HEALTH_WARN","checks":{"OSDMAP_FLAGS":{}}}}"#,
+    )
+    .unwrap();
+    node.pass_ok();
+    assert_eq!(node.state()["applied"], head.as_str());
+}
+
+#[test]
+fn no_secret_reaches_a_log_line_or_status() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let mut seen = node.pass_ok();
+    seen.push_str(&stdout(&run(&mut node.agent(&[
+        "status",
+        "--json",
+        "--cluster",
+    ]))));
+    seen.push_str(
+        &std::fs::read_to_string(node.root.join("var/lib/nk3-agent/state.json")).unwrap(),
+    );
+    seen.push_str(&node.config());
+    let kubeconfig = std::fs::read_to_string(node.root.join("etc/rancher/k3s/k3s.yaml")).unwrap();
+    let key = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("client-key-data: "))
+        .unwrap();
+    for secret in ["2f909ce8-cae1-439a-86b3-da87b7ee9f55", key, &key[..40]] {
+        assert!(!seen.contains(secret), "a secret leaked");
+    }
+    for w in api.writes() {
+        assert!(
+            !w.object.to_string().contains("2f909ce8-cae1-439a"),
+            "the join token reached the API"
+        );
+    }
 }

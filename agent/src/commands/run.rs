@@ -76,6 +76,7 @@ fn check(args: &RunArgs) -> anyhow::Result<ExitCode> {
         "systemctl": a.systemctl.display().to_string(),
         "nix_channel": a.nix_channel.display().to_string(),
         "git": a.git.display().to_string(),
+        "kubectl": a.kubectl.display().to_string(),
         "current_system": a.current_system.display().to_string(),
         "booted_system": a.booted_system.display().to_string(),
         "boot_id_file": a.boot_id_file.display().to_string(),

@@ -79,6 +79,64 @@ pub enum HealthCheck {
     },
 }
 
+/// The optional Ceph check (`rollout.ceph`): `ceph status` through the rook-ceph tools
+/// deployment must say HEALTH_OK, or warn only of the listed checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ceph {
+    /// Namespace of the tools deployment.
+    pub namespace: String,
+    /// The tools deployment.
+    pub deployment: String,
+    /// Health check codes (`OSDMAP_FLAGS`, …) that may be warned about.
+    pub tolerate: Vec<String>,
+}
+
+impl Default for Ceph {
+    fn default() -> Self {
+        Ceph {
+            namespace: "rook-ceph".into(),
+            deployment: "rook-ceph-tools".into(),
+            tolerate: Vec::new(),
+        }
+    }
+}
+
+impl Ceph {
+    /// Judges `ceph status --format json` output: `Err` says why the cluster is not healthy
+    /// enough to disrupt a node.
+    pub fn judge(&self, status_json: &str) -> Result<(), String> {
+        let v: serde_json::Value = serde_json::from_str(status_json)
+            .map_err(|e| format!("ceph status is not JSON: {e}"))?;
+        let health = &v["health"];
+        match health["status"].as_str() {
+            Some("HEALTH_OK") => Ok(()),
+            Some("HEALTH_WARN") => {
+                let codes: Vec<String> = health["checks"]
+                    .as_object()
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
+                let bad: Vec<&String> = codes
+                    .iter()
+                    .filter(|c| !self.tolerate.contains(c))
+                    .collect();
+                if bad.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "ceph is HEALTH_WARN: {}",
+                        bad.iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+            }
+            Some(other) => Err(format!("ceph is {other}")),
+            None => Err("ceph status has no health.status".into()),
+        }
+    }
+}
+
 /// The `rollout:` block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rollout {
@@ -94,6 +152,8 @@ pub struct Rollout {
     pub health_timeout: Duration,
     /// The inventory's own checks.
     pub health_checks: Vec<HealthCheck>,
+    /// The optional Ceph check.
+    pub ceph: Option<Ceph>,
     /// With `nix_channel`: how often to rebuild with `--upgrade` to pick up channel updates.
     /// Unset: only a change of channel upgrades.
     pub upgrade_every: Option<Duration>,
@@ -108,6 +168,7 @@ impl Default for Rollout {
             drain_timeout: Duration::from_secs(10 * 60),
             health_timeout: Duration::from_secs(15 * 60),
             health_checks: Vec::new(),
+            ceph: None,
             upgrade_every: None,
         }
     }
@@ -258,6 +319,31 @@ mod tests {
             .skip(1)
             .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn ceph_health_is_judged_with_the_tolerated_warnings() {
+        let c = Ceph {
+            tolerate: vec!["OSDMAP_FLAGS".into()],
+            ..Ceph::default()
+        };
+        assert_eq!(
+            c.judge(r#"{"health":{"status":"HEALTH_OK","checks":{}}}"#),
+            Ok(())
+        );
+        assert_eq!(
+            c.judge(r#"{"health":{"status":"HEALTH_WARN","checks":{"OSDMAP_FLAGS":{}}}}"#),
+            Ok(())
+        );
+        assert_eq!(
+            c.judge(r#"{"health":{"status":"HEALTH_WARN","checks":{"OSDMAP_FLAGS":{},"PG_DEGRADED":{}}}}"#),
+            Err("ceph is HEALTH_WARN: PG_DEGRADED".into())
+        );
+        assert_eq!(
+            c.judge(r#"{"health":{"status":"HEALTH_ERR"}}"#),
+            Err("ceph is HEALTH_ERR".into())
+        );
+        assert!(c.judge("not json").is_err());
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::{
-    BootLoader, Diagnostic, Diagnostics, HealthCheck, Inventory, Layout, Node, RebootPolicy, Role,
-    Rollout, Secret, Vars, DEFAULT_NAMESERVERS,
+    BootLoader, Ceph, Diagnostic, Diagnostics, HealthCheck, Inventory, Layout, Node, RebootPolicy,
+    Role, Rollout, Secret, Vars, DEFAULT_NAMESERVERS,
 };
 use crate::check;
 use crate::yaml::{locate, Path, Yaml};
@@ -57,7 +57,10 @@ const ROLLOUT_KEYS: &[&str] = &[
     "health_timeout",
     "health_checks",
     "upgrade_every",
+    "ceph",
 ];
+
+const CEPH_KEYS: &[&str] = &["namespace", "deployment", "tolerate"];
 
 const CHECK_KEYS: &[&str] = &["name", "command", "http"];
 
@@ -350,6 +353,9 @@ impl Reader<'_> {
                 *slot = self.duration(v, &at.key(key))?;
             }
         }
+        if let Some(v) = f.get("ceph") {
+            r.ceph = self.ceph(v, &at.key("ceph"));
+        }
         if let Some(v) = f.get("upgrade_every") {
             r.upgrade_every = Some(self.duration(v, &at.key("upgrade_every"))?);
         }
@@ -362,6 +368,24 @@ impl Reader<'_> {
             });
         }
         Some(r)
+    }
+
+    fn ceph(&mut self, v: &Yaml, at: &Path) -> Option<Ceph> {
+        let entries = self.mapping(v, at)?;
+        let (f, _) = self.fields(entries, at, CEPH_KEYS, false);
+        let mut c = Ceph::default();
+        if let Some(v) = f.get("namespace") {
+            c.namespace = self.checked(v, &at.key("namespace"), check::nonempty)?;
+        }
+        if let Some(v) = f.get("deployment") {
+            c.deployment = self.checked(v, &at.key("deployment"), check::nonempty)?;
+        }
+        if let Some(v) = f.get("tolerate") {
+            c.tolerate = self.list(v, &at.key("tolerate"), |r, v, at| {
+                r.checked(v, at, check::nonempty)
+            });
+        }
+        Some(c)
     }
 
     fn health_check(&mut self, v: &Yaml, at: &Path) -> Option<HealthCheck> {
