@@ -106,7 +106,10 @@ impl Agent {
             info!(host = %t.host, commit = %c, "{msg}");
             return self.finish(Outcome::Waiting, Some(&t.commit), msg);
         }
-        let ready_before = cluster.ready_nodes()?;
+        // The inventory's nodes that are Ready now must still be Ready after this node's
+        // disruption.
+        let mut ready_before = cluster.ready_nodes()?;
+        ready_before.retain(|n| t.members.contains(n));
         let _renewing = cluster.keep_renewed(&lease, r.lease_duration);
         let mut hold = Hold {
             lease,
