@@ -2,7 +2,8 @@
 # each running nk3-agent, following a bare git repository that server1 serves with
 # git daemon. The test pushes an inventory change and checks every node applies it; then it
 # pushes a configuration Nix rejects and checks every node keeps what it runs and reports the
-# rejected commit.
+# rejected commit; then a generation whose k3s does not start, which the first node to take
+# the lease rolls back and halts for everyone.
 #
 # Run with `nix flake check` (or `nix build .#checks.x86_64-linux.rollout`) on a machine with
 # KVM. Not run on the machines nk3 is developed on (no KVM, no nixpkgs there).
@@ -166,5 +167,20 @@ pkgs.testers.runNixOSTest {
             m.wait_until_succeeds(f"nk3-agent status --json | jq -e '.state.rejected.commit == \"{bad}\"'", timeout=600)
             assert m.succeed("sha256sum /etc/nixos/configuration.nix") == before[m.name]
             m.succeed("journalctl -u nk3-agent | grep -q 'Changes reverted on'")
+
+    with subtest("a generation whose k3s does not start is rolled back and halted for everyone"):
+        server1.succeed(
+            "sed -i 's/^  nodes:/  k3s_extra_flags: [ --no-such-flag ]\\n  nodes:/' /root/work/inventory.yaml",
+            "git -C /root/work -c user.name=t -c user.email=t@t commit -q -am 'a flag k3s refuses'",
+            "git -C /root/work push -q origin main",
+        )
+        broken = server1.succeed("git -C /root/work rev-parse HEAD").strip()
+        server1.wait_until_succeeds(
+            f"k3s kubectl -n kube-system get lease nk3-rollout -o json | jq -e '.metadata.annotations[\"nk3.io/halted-commit\"] == \"{broken}\"'",
+            timeout=1800,
+        )
+        for m in [server1, server2, server3]:
+            m.wait_until_succeeds(f"nk3-agent status --json | jq -e '.state.rejected.commit == \"{broken}\"'", timeout=600)
+            m.succeed("systemctl is-active k3s.service")
   '';
 }
