@@ -170,6 +170,7 @@ pkgs.testers.runNixOSTest {
 
     with subtest("a generation whose k3s does not start is rolled back and halted for everyone"):
         server1.succeed(
+            "git -C /root/work checkout HEAD~1 -- vm.nix.hbs",
             "sed -i 's/^  nodes:/  k3s_extra_flags: [ --no-such-flag ]\\n  nodes:/' /root/work/inventory.yaml",
             "git -C /root/work -c user.name=t -c user.email=t@t commit -q -am 'a flag k3s refuses'",
             "git -C /root/work push -q origin main",
