@@ -725,6 +725,24 @@ impl Agent {
             reboot,
             hold: hold.clone(),
         };
+        if hold.is_some() {
+            // Under the lease the cluster sees each step (kubectl describe node).
+            if let Some(cluster) = self.cluster(&t.host)? {
+                let (phase, what) = if reboot {
+                    (
+                        "rebooting",
+                        format!("nk3 is rebooting the node into commit {c}"),
+                    )
+                } else {
+                    (
+                        "switching",
+                        format!("nk3 is switching the node to commit {c}"),
+                    )
+                };
+                let _ = cluster.annotate(None, phase);
+                cluster.event(if reboot { "Rebooting" } else { "Switching" }, &what, false);
+            }
+        }
         self.save()?;
         if reboot {
             if let Err(e) = self.nixos.boot() {

@@ -125,7 +125,7 @@ fn a_member_applies_under_the_lease_and_leaves_the_cluster_as_it_found_it() {
         .filter(|w| w.resource == "events")
         .filter_map(|w| w.object["reason"].as_str())
         .collect();
-    assert_eq!(reasons, ["Draining", "Ready"]);
+    assert_eq!(reasons, ["Draining", "Switching", "Ready"]);
     assert_eq!(
         node.calls("nixos-rebuild"),
         [
