@@ -526,15 +526,28 @@ impl Cluster {
     }
 
     /// Waits up to `timeout`, watching the first lease, for its desired-commit annotation to
-    /// change; returns the new value. Used between polls, so a nudge is picked up at once.
-    pub fn wait_for_nudge(&self, timeout: Duration) -> Result<Option<String>, KubeError> {
+    /// change (a nudge), or, with `on_release` (this node is waiting for its turn), for the
+    /// lease to become free; says which. Used between polls, so either is acted on at once.
+    pub fn wait_for_nudge(
+        &self,
+        timeout: Duration,
+        on_release: bool,
+    ) -> Result<Option<String>, KubeError> {
         let deadline = Instant::now() + timeout;
         let desired = |l: &Option<Lease>| {
             l.as_ref()
                 .and_then(|l| l.metadata.annotations.as_ref())
                 .and_then(|a| a.get(DESIRED_COMMIT).cloned())
         };
+        let free = |l: &Option<Lease>| {
+            l.as_ref()
+                .map(claim)
+                .is_none_or(|c| c.holder.as_deref().unwrap_or("").is_empty())
+        };
         let first = self.kube.lease(NAMESPACE, LEASE_FIRST)?;
+        if on_release && free(&first) {
+            return Ok(Some("the rollout lease is free".into()));
+        }
         let before = desired(&first);
         let mut rv = first
             .and_then(|l| l.metadata.resource_version)
@@ -549,7 +562,10 @@ impl Cluster {
             }
             let now = self.kube.lease(NAMESPACE, LEASE_FIRST)?;
             if desired(&now) != before {
-                return Ok(desired(&now));
+                return Ok(desired(&now).map(|d| format!("desired commit {d}")));
+            }
+            if on_release && free(&now) {
+                return Ok(Some("the rollout lease was released".into()));
             }
             rv = now
                 .and_then(|l| l.metadata.resource_version)

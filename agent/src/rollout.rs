@@ -91,15 +91,24 @@ impl Agent {
                             format!("waiting for the rollout lease, held by {holder}"),
                         );
                     }
-                    if !said {
-                        info!(host = %t.host, commit = %c, "waiting for the rollout lease, held by {holder}");
-                        said = true;
+                    let msg = format!("waiting for the rollout lease, held by {holder}");
+                    let again = self.state.last.as_ref().is_some_and(|l| l.message == msg);
+                    if !said && !again {
+                        info!(host = %t.host, commit = %c, "{msg}");
                     }
+                    said = true;
                     cluster.wait_for_change(&lease, &resource_version, left)?;
                 }
             }
         };
-        // 6. The gate, checked with the lease held so nobody else changes the picture.
+        // 6. The gate, checked (again) with the lease held so nobody else changes the picture:
+        // the node that held it before may have halted this very commit.
+        if let Some(h) = cluster.halt()? {
+            if h.commit == t.commit {
+                cluster.release(&lease)?;
+                return self.halted(t, &h.node, &h.reason);
+            }
+        }
         if let Err(why) = cluster.gate(&t.members, &t.watch_namespaces, t.rollout.ceph.as_ref())? {
             cluster.release(&lease)?;
             let msg = format!("not disrupting {}: {why}", t.host);

@@ -830,3 +830,49 @@ fn no_secret_reaches_a_log_line_or_status() {
         );
     }
 }
+
+/// Regression: a node that was waiting for the lease while its holder halted the very commit
+/// it waited to apply took the lease and applied it anyway (found by nk3-sim --broken).
+#[test]
+fn a_node_waiting_while_the_holder_halts_the_commit_does_not_apply_it() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut node = member(&repo, &api, "172.30.190.3", HOST3);
+    node.env.push(("NK3_POLL_INTERVAL".into(), "10s".into()));
+    let held = json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {},
+        "spec": { "holderIdentity": HOST4, "leaseDurationSeconds": 600,
+                  "renewTime": now_micro(), "acquireTime": now_micro() },
+    });
+    api.set("leases", "kube-system", "nk3-rollout", held);
+    let head = repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let waiting = std::thread::spawn(move || {
+        let o = node.run_once();
+        (node, o)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    // The holder found the commit unhealthy: it halts it and lets go.
+    let mut l = lease(&api);
+    l["spec"]["holderIdentity"] = Value::Null;
+    l["metadata"]["annotations"] = json!({
+        "nk3.io/halted-commit": head, "nk3.io/halted-reason": "k3s never started",
+        "nk3.io/halted-node": HOST4,
+    });
+    api.set("leases", "kube-system", "nk3-rollout", l);
+    let (node, o) = waiting.join().unwrap();
+    let log = stderr(&o);
+    assert!(log.contains("is halted for the cluster"), "{log}");
+    assert!(
+        !node
+            .calls("nixos-rebuild")
+            .iter()
+            .any(|c| c.starts_with("switch") || c.starts_with("boot")),
+        "{log}"
+    );
+    assert!(api.node(HOST3).unwrap()["spec"]["unschedulable"].is_null());
+    assert_eq!(holder(&api), None);
+}

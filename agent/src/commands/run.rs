@@ -196,15 +196,18 @@ async fn daemon(
             .host
             .clone()
             .unwrap_or_else(|| "nk3-agent".into());
+        // A node waiting for its turn also wakes when the lease is released, so the next
+        // node starts within moments of the last one finishing.
+        let waiting = outcome == Some(Outcome::Waiting);
         let nudge = tokio::task::spawn_blocking(move || {
             match crate::cluster::Cluster::connect(&kubeconfig, &host) {
-                Ok(Some(c)) => c.wait_for_nudge(wait).ok().flatten(),
+                Ok(Some(c)) => c.wait_for_nudge(wait, waiting).ok().flatten(),
                 _ => None,
             }
         });
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            Ok(Some(commit)) = nudge => info!("nudged (desired commit {commit}): fetching now"),
+            Ok(Some(why)) = nudge => info!("{why}: going on now"),
             _ = term.recv() => return Ok(stopped("SIGTERM")),
             _ = int.recv() => return Ok(stopped("SIGINT")),
         }

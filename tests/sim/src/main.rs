@@ -1,0 +1,506 @@
+//! nk3-sim: a k3s cluster of NixOS nodes, simulated, each node running the real `nk3-agent`.
+//!
+//! Everything but the machines is real: the agent binary, a git repository, the k3s API
+//! (the API test server of `tests/apiserver`, over HTTPS with client certificates). The
+//! machines are simulated by the stand-ins in `tests/bin` (nixos-rebuild, systemctl,
+//! kubectl) and by this program, which plays systemd and the hardware: when an agent asks for
+//! a reboot it stops the agent, marks the Node NotReady, waits the reboot time, boots the
+//! profile's generation with a new boot id, marks the Node Ready again (unless the generation
+//! is broken) and starts the agent again.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use nk3_apiserver::ApiServer;
+
+/// Simulate a rolling update on a k3s cluster managed by nk3.
+#[derive(Debug, Parser)]
+#[command(name = "nk3-sim", version, about)]
+struct Args {
+    /// How many nodes (the first three are the original tool's example inventory).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// How long a simulated reboot takes.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    reboot_time: Duration,
+    /// Push a generation whose k3s never starts: the first node rolls it back and halts it.
+    #[arg(long)]
+    broken: bool,
+    /// How many nodes may be disrupted at once.
+    #[arg(long, default_value_t = 1)]
+    max_unavailable: u32,
+    /// Give up after this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Print every agent log line, not only the rollout's milestones.
+    #[arg(long)]
+    verbose: bool,
+}
+
+/// The workspace root (where tests/bin and the agent binary are).
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from("."))
+}
+
+/// The nk3-agent binary built next to this one.
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let bin = me.with_file_name("nk3-agent");
+    if !bin.exists() {
+        bail!(
+            "{} not found; build it first (cargo build -p nk3-agent with the same profile)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let o = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "operator")
+        .env("GIT_AUTHOR_EMAIL", "ops@example.com")
+        .env("GIT_COMMITTER_NAME", "operator")
+        .env("GIT_COMMITTER_EMAIL", "ops@example.com")
+        .output()
+        .context("git is needed")?;
+    if !o.status.success() {
+        bail!("git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn inventory(n: usize, max_unavailable: u32, extra: &str) -> String {
+    let mut s = String::from(
+        "cluster:\n  join_address: 172.30.190.3\n  join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55\n  default_gateway: 172.30.190.1\n",
+    );
+    s.push_str(extra);
+    s.push_str(&format!(
+        "  rollout:\n    reboot: always\n    health_timeout: 8s\n    max_unavailable: {max_unavailable}\n  nodes:\n"
+    ));
+    for i in 0..n {
+        s.push_str(&format!(
+            "    172.30.190.{}:\n      initiator: {}\n      interface: enp3s0f0\n      boot_device: /dev/nvme0n1\n",
+            3 + i,
+            i == 0
+        ));
+    }
+    s
+}
+
+/// One simulated machine.
+struct Machine {
+    ip: String,
+    host: String,
+    label: String,
+    root: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Machine {
+    fn new(base: &Path, i: usize) -> anyhow::Result<Machine> {
+        let ip = format!("172.30.190.{}", 3 + i);
+        let host = nk3_common::naming::hostname_for(&ip);
+        let root = base.join(format!("node-{}", i + 1));
+        for d in [
+            "etc/nixos",
+            "var/lib/nk3-agent",
+            "run",
+            "nix/store/0-installer",
+        ] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        let installer = root.join("nix/store/0-installer");
+        std::fs::write(installer.join("kernel"), "installer kernel")?;
+        std::fs::write(installer.join("kernel-params"), "")?;
+        std::os::unix::fs::symlink(&installer, root.join("run/current-system"))?;
+        std::os::unix::fs::symlink(&installer, root.join("run/booted-system"))?;
+        std::fs::write(root.join("boot_id"), new_boot_id())?;
+        std::fs::write(
+            root.join("etc/nixos/configuration.nix"),
+            "{ ... }: { imports = [ ./hardware-configuration.nix ./nk3.nix ]; }\n",
+        )?;
+        Ok(Machine {
+            label: format!("node-{}", i + 1),
+            ip,
+            host,
+            root,
+            agent: None,
+        })
+    }
+
+    fn command(&self, repo: &str, args: &[&str]) -> Command {
+        let bin = workspace().join("tests/bin");
+        let r = &self.root;
+        let mut c = Command::new(agent_binary().expect("agent binary"));
+        c.args(args)
+            .current_dir(r)
+            .env("NK3_REPO", repo)
+            .env("NK3_NODE", &self.ip)
+            .env("NK3_STATE_DIR", r.join("var/lib/nk3-agent"))
+            .env("NK3_NIXOS_DIR", r.join("etc/nixos"))
+            .env("NK3_NIXOS_REBUILD", bin.join("nixos-rebuild"))
+            .env("NK3_SYSTEMCTL", bin.join("systemctl"))
+            .env("NK3_NIX_CHANNEL", bin.join("nix-channel"))
+            .env("NK3_KUBECTL", bin.join("kubectl"))
+            .env("NK3_CURRENT_SYSTEM", r.join("run/current-system"))
+            .env("NK3_BOOTED_SYSTEM", r.join("run/booted-system"))
+            .env("NK3_BOOT_ID_FILE", r.join("boot_id"))
+            .env("NK3_PRODUCT_UUID_FILE", r.join("product_uuid"))
+            .env("NK3_KUBECONFIG", r.join("etc/rancher/k3s/k3s.yaml"))
+            .env("NK3_FAKE_ROOT", r)
+            .env("NK3_SIM_SUPERVISED", "1")
+            .env("NK3_POLL_INTERVAL", "2s")
+            .env_remove("JOURNAL_STREAM");
+        c
+    }
+
+    fn state(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.root.join("var/lib/nk3-agent/state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The system the machine boots into: the profile's newest generation.
+    fn boot(&self) -> anyhow::Result<bool> {
+        let profile = self.root.join("nix/var/nix/profiles/system");
+        let system = std::fs::canonicalize(&profile).context("no system profile to boot")?;
+        for link in ["run/booted-system", "run/current-system"] {
+            let l = self.root.join(link);
+            let _ = std::fs::remove_file(&l);
+            std::os::unix::fs::symlink(&system, &l)?;
+        }
+        std::fs::write(self.root.join("boot_id"), new_boot_id())?;
+        Ok(!system.join("k3s-broken").exists())
+    }
+}
+
+fn new_boot_id() -> String {
+    let n = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{:032x}", n ^ u128::from(std::process::id()))
+}
+
+/// Lines the demo shows without --verbose.
+fn milestone(line: &str) -> bool {
+    [
+        "modified:",
+        "Rebuilding NixOS",
+        "waiting for the rollout lease",
+        "Draining",
+        "Rebooting",
+        "is back",
+        "k8s is ready",
+        "rolling back",
+        "halted",
+        "FROZEN",
+        "not disrupting",
+        "No action needed",
+    ]
+    .iter()
+    .any(|m| line.contains(m))
+}
+
+/// Starts a machine's agent daemon, its log printed with the machine's label.
+fn start_agent(m: &mut Machine, repo: &str, verbose: bool, started: Instant) -> anyhow::Result<()> {
+    let mut child = m
+        .command(repo, &["run"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let err = child.stderr.take().expect("piped");
+    let label = m.label.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            // Drop the agent's own timestamp and fields; show time since the start.
+            let msg = line
+                .split_once("  INFO ")
+                .or_else(|| line.split_once("  WARN "))
+                .or_else(|| line.split_once(" ERROR "))
+                .map(|(_, m)| m)
+                .unwrap_or(&line);
+            let msg = msg.split(" host=").next().unwrap_or(msg).trim();
+            if verbose || milestone(msg) {
+                println!(
+                    "{:>6.1}s  {label:<7} {msg}",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+    });
+    m.agent = Some(child);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match simulate() {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("nk3-sim: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the simulation; `Ok(false)` when it did not converge or broke an invariant.
+fn simulate() -> anyhow::Result<bool> {
+    let args = Args::parse();
+    if args.nodes == 0 || args.nodes > 200 {
+        bail!("--nodes must be between 1 and 200");
+    }
+    let dir = tempfile::tempdir()?;
+    let base = dir.path();
+    println!("nk3-sim: {} simulated NixOS nodes running the real nk3-agent, a git repository, and the k3s API test server", args.nodes);
+    let api = ApiServer::start();
+
+    // The repository, with the original tool's inventory (grown to --nodes).
+    git(base, &["init", "-q", "--bare", "-b", "main", "infra.git"])?;
+    git(base, &["clone", "-q", "infra.git", "work"])?;
+    let work = base.join("work");
+    git(&work, &["checkout", "-q", "-b", "main"])?;
+    let inv = inventory(args.nodes, args.max_unavailable, "");
+    std::fs::write(work.join("inventory.yaml"), &inv)?;
+    git(&work, &["add", "-A"])?;
+    git(&work, &["commit", "-q", "-m", "the cluster"])?;
+    git(&work, &["push", "-q", "origin", "main"])?;
+    let repo = base.join("infra.git").display().to_string();
+
+    // Bring the machines up: each applies the inventory before its k3s runs (bootstrap),
+    // then k3s "starts": the Node appears Ready and the kubeconfig is written.
+    let started = Instant::now();
+    let mut machines = Vec::new();
+    for i in 0..args.nodes {
+        let m = Machine::new(base, i)?;
+        for _ in 0..2 {
+            let o = m
+                .command(&repo, &["run", "--once"])
+                .env_remove("NK3_SIM_SUPERVISED")
+                .output()?;
+            if !o.status.success() && m.state()["phase"]["name"] != "rebooting" {
+                bail!(
+                    "{} did not come up: {}",
+                    m.label,
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+        }
+        let k = m.root.join("etc/rancher/k3s/k3s.yaml");
+        std::fs::create_dir_all(k.parent().expect("parent"))?;
+        std::fs::write(&k, api.kubeconfig(&m.host))?;
+        api.add_node(&m.host, true);
+        machines.push(m);
+    }
+    println!(
+        "{:>6.1}s  all {} nodes run the first commit and are Ready",
+        started.elapsed().as_secs_f64(),
+        args.nodes
+    );
+    for m in &mut machines {
+        start_agent(m, &repo, args.verbose, started)?;
+    }
+
+    // The change: a new DNS resolver for every node (and, with --broken, a template whose
+    // k3s never starts).
+    let mut extra = String::from("  nameservers: [ 9.9.9.9 ]\n");
+    if args.broken {
+        let t = std::fs::read_to_string(workspace().join("common/src/render/default.nix.hbs"))?;
+        std::fs::write(
+            work.join("broken.nix.hbs"),
+            format!("# nk3-test: k3s-broken\n{t}"),
+        )?;
+        extra.push_str("  template: broken.nix.hbs\n");
+    }
+    std::fs::write(
+        work.join("inventory.yaml"),
+        inventory(args.nodes, args.max_unavailable, &extra),
+    )?;
+    git(&work, &["add", "-A"])?;
+    git(&work, &["commit", "-q", "-m", "use another resolver"])?;
+    git(&work, &["push", "-q", "origin", "main"])?;
+    let head = git(&work, &["rev-parse", "HEAD"])?;
+    let rollout_start = Instant::now();
+    println!(
+        "{:>6.1}s  git push {}: {}",
+        started.elapsed().as_secs_f64(),
+        &head[..12],
+        if args.broken {
+            "a new resolver, in a generation whose k3s never starts"
+        } else {
+            "a new resolver for every node"
+        }
+    );
+
+    // Play systemd and the hardware until every node settles.
+    let reboots: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
+    let deadline = Instant::now() + args.timeout;
+    let mut converged = true;
+    loop {
+        for (i, m) in machines.iter_mut().enumerate() {
+            let exited = match m.agent.as_mut() {
+                Some(c) => c.try_wait()?.is_some(),
+                None => false,
+            };
+            if exited {
+                m.agent = None;
+                if m.root.join("reboot-requested").exists() {
+                    api.set_ready(&m.host, false);
+                    reboots
+                        .lock()
+                        .expect("lock")
+                        .push((i, Instant::now() + args.reboot_time));
+                    println!(
+                        "{:>6.1}s  {:<7} is down (simulated reboot, {})",
+                        started.elapsed().as_secs_f64(),
+                        m.label,
+                        humantime::format_duration(args.reboot_time)
+                    );
+                } else {
+                    start_agent(m, &repo, args.verbose, started)?;
+                }
+            }
+        }
+        let due: Vec<usize> = {
+            let mut r = reboots.lock().expect("lock");
+            let now = Instant::now();
+            let due = r
+                .iter()
+                .filter(|(_, t)| *t <= now)
+                .map(|(i, _)| *i)
+                .collect();
+            r.retain(|(_, t)| *t > now);
+            due
+        };
+        for i in due {
+            let m = &mut machines[i];
+            let _ = std::fs::remove_file(m.root.join("reboot-requested"));
+            let healthy = m.boot()?;
+            api.set_ready(&m.host, healthy);
+            println!(
+                "{:>6.1}s  {:<7} booted{}",
+                started.elapsed().as_secs_f64(),
+                m.label,
+                if healthy {
+                    "; k3s is up"
+                } else {
+                    "; k3s does not start"
+                }
+            );
+            start_agent(m, &repo, args.verbose, started)?;
+        }
+        let settled = machines.iter().all(|m| {
+            let st = m.state();
+            let idle = st["phase"]["name"] == "idle";
+            let applied = st["applied"] == head.as_str();
+            let halted = st["rejected"]["commit"] == head.as_str();
+            idle && (applied || halted)
+        });
+        if settled && reboots.lock().expect("lock").is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "nk3-sim: not settled after {}",
+                humantime::format_duration(args.timeout)
+            );
+            converged = false;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let wall = rollout_start.elapsed();
+    for m in &mut machines {
+        if let Some(mut c) = m.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    // The table.
+    let writes = api.writes();
+    println!();
+    println!(
+        "{:<8} {:<38} {:<13} {:<9} {:>10}  outcome",
+        "node", "hostname", "commit", "phase", "lease held"
+    );
+    for m in &machines {
+        let st = m.state();
+        let held = lease_time(&writes, &m.host);
+        let outcome = if st["applied"] == head.as_str() {
+            "applied".to_string()
+        } else if st["rejected"]["commit"] == head.as_str() {
+            st["rejected"]["error"]
+                .as_str()
+                .unwrap_or("rejected")
+                .chars()
+                .take(60)
+                .collect()
+        } else {
+            "did not converge".to_string()
+        };
+        println!(
+            "{:<8} {:<38} {:<13} {:<9} {:>9.1}s  {}",
+            m.label,
+            m.host,
+            st["applied"].as_str().map(|c| &c[..12]).unwrap_or("-"),
+            st["phase"]["name"].as_str().unwrap_or("-"),
+            held.as_secs_f64(),
+            outcome
+        );
+    }
+    let most = max_cordoned(&writes);
+    println!();
+    println!(
+        "rollout took {:.1}s; at most {most} node(s) cordoned at once (max_unavailable {})",
+        wall.as_secs_f64(),
+        args.max_unavailable
+    );
+    Ok(converged && most <= args.max_unavailable as usize)
+}
+
+/// How long `host` held a rollout lease, from the API's write log.
+fn lease_time(writes: &[nk3_apiserver::Write], host: &str) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut since = None;
+    for w in writes.iter().filter(|w| w.resource == "leases") {
+        let holder = w.object["spec"]["holderIdentity"].as_str();
+        match (holder == Some(host), since) {
+            (true, None) => since = Some(w.at),
+            (false, Some(t)) => {
+                total += w.at.duration_since(t).unwrap_or_default();
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
+/// The most nodes cordoned by nk3 at any moment, from the API's write log.
+fn max_cordoned(writes: &[nk3_apiserver::Write]) -> usize {
+    let mut cordoned = std::collections::BTreeSet::new();
+    let mut most = 0;
+    for w in writes.iter().filter(|w| w.resource == "nodes") {
+        if w.object["metadata"]["annotations"]["nk3.io/cordoned"] == "true" {
+            cordoned.insert(w.name.clone());
+        } else {
+            cordoned.remove(&w.name);
+        }
+        most = most.max(cordoned.len());
+    }
+    most
+}
