@@ -38,6 +38,13 @@ struct Args {
     /// Give up after this long.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Kill -9 the first agent seen in this phase (draining, switching, rebooting,
+    /// verifying); it is started again at once, as systemd's Restart=always would.
+    #[arg(long, value_name = "PHASE")]
+    kill_in: Option<String>,
+    /// Make the k3s API unreachable for this long right after the push.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    api_down: Option<Duration>,
     /// Print every agent log line, not only the rollout's milestones.
     #[arg(long)]
     verbose: bool,
@@ -349,7 +356,44 @@ fn simulate() -> anyhow::Result<bool> {
     let reboots: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
     let deadline = Instant::now() + args.timeout;
     let mut converged = true;
+    let mut kill_pending = args.kill_in.clone();
+    let api_back = args.api_down.map(|d| {
+        api.set_unreachable(true);
+        println!(
+            "{:>6.1}s  the k3s API is down for {}",
+            started.elapsed().as_secs_f64(),
+            humantime::format_duration(d)
+        );
+        Instant::now() + d
+    });
+    let mut api_is_down = api_back.is_some();
     loop {
+        if api_is_down && api_back.is_some_and(|t| Instant::now() >= t) {
+            api.set_unreachable(false);
+            api_is_down = false;
+            println!(
+                "{:>6.1}s  the k3s API is back",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if let Some(phase) = kill_pending.clone() {
+            if let Some(m) = machines
+                .iter_mut()
+                .find(|m| m.agent.is_some() && m.state()["phase"]["name"] == phase.as_str())
+            {
+                if let Some(mut c) = m.agent.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                println!(
+                    "{:>6.1}s  {:<7} agent killed (SIGKILL) while {phase}; systemd starts it again",
+                    started.elapsed().as_secs_f64(),
+                    m.label
+                );
+                start_agent(m, &repo, args.verbose, started)?;
+                kill_pending = None;
+            }
+        }
         for (i, m) in machines.iter_mut().enumerate() {
             let exited = match m.agent.as_mut() {
                 Some(c) => c.try_wait()?.is_some(),
@@ -463,12 +507,24 @@ fn simulate() -> anyhow::Result<bool> {
         );
     }
     let most = max_cordoned(&writes);
+    let held: Duration = machines.iter().map(|m| lease_time(&writes, &m.host)).sum();
     println!();
     println!(
         "rollout took {:.1}s; at most {most} node(s) cordoned at once (max_unavailable {})",
         wall.as_secs_f64(),
         args.max_unavailable
     );
+    if held > Duration::ZERO {
+        println!(
+            "time holding the lease, all nodes: {:.1}s; rollout time / that = {:.2}",
+            held.as_secs_f64(),
+            wall.as_secs_f64() / held.as_secs_f64()
+        );
+    }
+    if let Some(phase) = kill_pending {
+        eprintln!("nk3-sim: no agent was ever seen in phase {phase}");
+        converged = false;
+    }
     Ok(converged && most <= args.max_unavailable as usize)
 }
 

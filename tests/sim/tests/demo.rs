@@ -74,3 +74,35 @@ fn two_at_a_time_on_five_nodes() {
         "{text}"
     );
 }
+
+#[test]
+fn an_agent_killed_in_any_phase_of_a_rollout_is_restarted_and_the_rollout_completes() {
+    for phase in ["draining", "switching", "rebooting", "verifying"] {
+        let (ok, text) = sim(&["--kill-in", phase]);
+        assert!(ok, "{phase}:\n{text}");
+        assert!(
+            text.contains(&format!("agent killed (SIGKILL) while {phase}")),
+            "{phase}:\n{text}"
+        );
+        assert!(
+            rows(&text).iter().all(|r| r.ends_with("applied")),
+            "{phase}:\n{text}"
+        );
+        assert!(
+            text.contains("at most 1 node(s) cordoned at once"),
+            "{phase}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn the_api_down_for_a_while_delays_the_rollout_and_breaks_nothing() {
+    let (ok, text) = sim(&["--api-down", "3s"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("the k3s API is back"), "{text}");
+    assert!(rows(&text).iter().all(|r| r.ends_with("applied")), "{text}");
+    assert!(
+        text.contains("at most 1 node(s) cordoned at once"),
+        "{text}"
+    );
+}
