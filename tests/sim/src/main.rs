@@ -38,6 +38,14 @@ struct Args {
     /// Give up after this long.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// The change pushed: `every` node gets a new DNS resolver; `initiator-flip` makes the
+    /// second node bootstrap the cluster instead of the first (the original tool's example);
+    /// `one` changes the first node only.
+    #[arg(long, default_value = "every", value_parser = ["every", "initiator-flip", "one"])]
+    change: String,
+    /// Push a second commit as soon as the first node has applied the first.
+    #[arg(long)]
+    second_commit: bool,
     /// Kill -9 the first agent seen in this phase (draining, switching, rebooting,
     /// verifying); it is started again at once, as systemd's Restart=always would.
     #[arg(long, value_name = "PHASE")]
@@ -88,6 +96,18 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn inventory(n: usize, max_unavailable: u32, extra: &str) -> String {
+    inventory_with(n, max_unavailable, extra, 0, "")
+}
+
+/// The inventory; `initiator` is the index of the bootstrapping node, `first_extra` extra
+/// lines for the first node.
+fn inventory_with(
+    n: usize,
+    max_unavailable: u32,
+    extra: &str,
+    initiator: usize,
+    first_extra: &str,
+) -> String {
     let mut s = String::from(
         "cluster:\n  join_address: 172.30.190.3\n  join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55\n  default_gateway: 172.30.190.1\n",
     );
@@ -97,9 +117,10 @@ fn inventory(n: usize, max_unavailable: u32, extra: &str) -> String {
     ));
     for i in 0..n {
         s.push_str(&format!(
-            "    172.30.190.{}:\n      initiator: {}\n      interface: enp3s0f0\n      boot_device: /dev/nvme0n1\n",
+            "    172.30.190.{}:\n      initiator: {}\n      interface: enp3s0f0\n      boot_device: /dev/nvme0n1\n{}",
             3 + i,
-            i == 0
+            i == initiator,
+            if i == 0 { first_extra } else { "" }
         ));
     }
     s
@@ -323,7 +344,26 @@ fn simulate() -> anyhow::Result<bool> {
 
     // The change: a new DNS resolver for every node (and, with --broken, a template whose
     // k3s never starts).
-    let mut extra = String::from("  nameservers: [ 9.9.9.9 ]\n");
+    let (mut extra, initiator, first_extra, what) = match args.change.as_str() {
+        "initiator-flip" => (
+            String::new(),
+            1.min(args.nodes - 1),
+            "",
+            "node-2 bootstraps the cluster instead of node-1",
+        ),
+        "one" => (
+            String::new(),
+            0,
+            "      k3s_extra_flags: [ --node-label=disk=ssd ]\n",
+            "a new label for node-1 only",
+        ),
+        _ => (
+            "  nameservers: [ 9.9.9.9 ]\n".to_string(),
+            0,
+            "",
+            "a new resolver for every node",
+        ),
+    };
     if args.broken {
         let t = std::fs::read_to_string(workspace().join("common/src/render/default.nix.hbs"))?;
         std::fs::write(
@@ -334,23 +374,30 @@ fn simulate() -> anyhow::Result<bool> {
     }
     std::fs::write(
         work.join("inventory.yaml"),
-        inventory(args.nodes, args.max_unavailable, &extra),
+        inventory_with(
+            args.nodes,
+            args.max_unavailable,
+            &extra,
+            initiator,
+            first_extra,
+        ),
     )?;
     git(&work, &["add", "-A"])?;
-    git(&work, &["commit", "-q", "-m", "use another resolver"])?;
+    git(&work, &["commit", "-q", "-m", what])?;
     git(&work, &["push", "-q", "origin", "main"])?;
-    let head = git(&work, &["rev-parse", "HEAD"])?;
+    let mut head = git(&work, &["rev-parse", "HEAD"])?;
     let rollout_start = Instant::now();
     println!(
         "{:>6.1}s  git push {}: {}",
         started.elapsed().as_secs_f64(),
         &head[..12],
         if args.broken {
-            "a new resolver, in a generation whose k3s never starts"
+            format!("{what}, in a generation whose k3s never starts")
         } else {
-            "a new resolver for every node"
+            what.to_string()
         }
     );
+    let mut second_pending = args.second_commit;
 
     // Play systemd and the hardware until every node settles.
     let reboots: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
@@ -445,6 +492,35 @@ fn simulate() -> anyhow::Result<bool> {
                 }
             );
             start_agent(m, &repo, args.verbose, started)?;
+        }
+        if second_pending
+            && machines
+                .iter()
+                .any(|m| m.state()["applied"] == head.as_str())
+        {
+            second_pending = false;
+            let more = format!("{extra}  ssh_authorized_keys: [ \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGvU9D2rsCWEmm3mZmrqKBX0tkpPMngu8nF6vyy6o8xz second\" ]\n");
+            std::fs::write(
+                work.join("inventory.yaml"),
+                inventory_with(
+                    args.nodes,
+                    args.max_unavailable,
+                    &more,
+                    initiator,
+                    first_extra,
+                ),
+            )?;
+            git(
+                &work,
+                &["commit", "-q", "-am", "a second change, mid-rollout"],
+            )?;
+            git(&work, &["push", "-q", "origin", "main"])?;
+            head = git(&work, &["rev-parse", "HEAD"])?;
+            println!(
+                "{:>6.1}s  git push {}: a second change, mid-rollout",
+                started.elapsed().as_secs_f64(),
+                &head[..12]
+            );
         }
         let settled = machines.iter().all(|m| {
             let st = m.state();
