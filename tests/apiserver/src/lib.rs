@@ -290,6 +290,29 @@ impl ApiServer {
         );
     }
 
+    /// Deletes an object as `kubectl delete` would (an operator removing a dead Node), and
+    /// logs it.
+    pub fn delete(&self, resource: &str, ns: &str, name: &str) {
+        let mut w = self.world.lock().unwrap();
+        if let Some(v) = w.objects.remove(&(resource.into(), ns.into(), name.into())) {
+            w.writes.push(Write {
+                at: SystemTime::now(),
+                user: "operator".into(),
+                verb: "delete".into(),
+                resource: resource.into(),
+                name: name.into(),
+                object: v.clone(),
+            });
+            let _ = self.changes.send(Change {
+                resource: resource.into(),
+                namespace: ns.into(),
+                name: name.into(),
+                kind: "DELETED",
+                object: v,
+            });
+        }
+    }
+
     /// Every write so far, in order.
     pub fn writes(&self) -> Vec<Write> {
         self.world.lock().unwrap().writes.clone()

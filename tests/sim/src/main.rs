@@ -41,7 +41,8 @@ struct Args {
     /// The change pushed: `every` node gets a new DNS resolver; `initiator-flip` makes the
     /// second node bootstrap the cluster instead of the first (the original tool's example);
     /// `one` changes the first node only.
-    #[arg(long, default_value = "every", value_parser = ["every", "initiator-flip", "one"])]
+    /// `nix-error` pushes a configuration Nix refuses.
+    #[arg(long, default_value = "every", value_parser = ["every", "initiator-flip", "one", "nix-error"])]
     change: String,
     /// Push a second commit as soon as the first node has applied the first.
     #[arg(long)]
@@ -50,6 +51,11 @@ struct Args {
     /// verifying); it is started again at once, as systemd's Restart=always would.
     #[arg(long, value_name = "PHASE")]
     kill_in: Option<String>,
+    /// The first machine seen in this phase dies for good (its agent killed and never
+    /// started again, its Node NotReady); once its lease has expired the simulator takes it
+    /// out of the inventory, as an operator would, and the rollout goes on.
+    #[arg(long, value_name = "PHASE")]
+    die_in: Option<String>,
     /// Make the k3s API unreachable for this long right after the push.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     api_down: Option<Duration>,
@@ -96,7 +102,7 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn inventory(n: usize, max_unavailable: u32, extra: &str) -> String {
-    inventory_with(n, max_unavailable, extra, 0, "")
+    inventory_with(n, max_unavailable, extra, 0, "", None)
 }
 
 /// The inventory; `initiator` is the index of the bootstrapping node, `first_extra` extra
@@ -107,15 +113,16 @@ fn inventory_with(
     extra: &str,
     initiator: usize,
     first_extra: &str,
+    gone: Option<usize>,
 ) -> String {
     let mut s = String::from(
         "cluster:\n  join_address: 172.30.190.3\n  join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55\n  default_gateway: 172.30.190.1\n",
     );
     s.push_str(extra);
     s.push_str(&format!(
-        "  rollout:\n    reboot: always\n    health_timeout: 8s\n    max_unavailable: {max_unavailable}\n  nodes:\n"
+        "  rollout:\n    reboot: always\n    health_timeout: 8s\n    lease_duration: 10s\n    max_unavailable: {max_unavailable}\n  nodes:\n"
     ));
-    for i in 0..n {
+    for i in (0..n).filter(|i| Some(*i) != gone) {
         s.push_str(&format!(
             "    172.30.190.{}:\n      initiator: {}\n      interface: enp3s0f0\n      boot_device: /dev/nvme0n1\n{}",
             3 + i,
@@ -357,6 +364,18 @@ fn simulate() -> anyhow::Result<bool> {
             "      k3s_extra_flags: [ --node-label=disk=ssd ]\n",
             "a new label for node-1 only",
         ),
+        "nix-error" => {
+            std::fs::write(
+                work.join("bad.nix.hbs"),
+                "{ config, ... }: {\n  networking.hostName = ;\n}\n",
+            )?;
+            (
+                "  template: bad.nix.hbs\n".to_string(),
+                0,
+                "",
+                "a template with a Nix syntax error",
+            )
+        }
         _ => (
             "  nameservers: [ 9.9.9.9 ]\n".to_string(),
             0,
@@ -380,6 +399,7 @@ fn simulate() -> anyhow::Result<bool> {
             &extra,
             initiator,
             first_extra,
+            None,
         ),
     )?;
     git(&work, &["add", "-A"])?;
@@ -398,6 +418,10 @@ fn simulate() -> anyhow::Result<bool> {
         }
     );
     let mut second_pending = args.second_commit;
+    let mut die_pending = args.die_in.clone();
+    // The machine that died, and when.
+    let mut dead: Option<(usize, Instant)> = None;
+    let mut removed = false;
 
     // Play systemd and the hardware until every node settles.
     let reboots: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
@@ -423,6 +447,55 @@ fn simulate() -> anyhow::Result<bool> {
                 started.elapsed().as_secs_f64()
             );
         }
+        if let Some(phase) = die_pending.clone() {
+            if let Some((i, m)) = machines
+                .iter_mut()
+                .enumerate()
+                .find(|(_, m)| m.agent.is_some() && m.state()["phase"]["name"] == phase.as_str())
+            {
+                if let Some(mut c) = m.agent.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                api.set_ready(&m.host, false);
+                println!(
+                    "{:>6.1}s  {:<7} died for good while {phase} (holding the lease)",
+                    started.elapsed().as_secs_f64(),
+                    m.label
+                );
+                dead = Some((i, Instant::now()));
+                die_pending = None;
+            }
+        }
+        if let (Some((i, when)), false) = (dead, removed) {
+            // The lease runs out 10 s after the last renewal; the others wait, then the gate
+            // holds them while the dead Node is NotReady. An operator takes it out.
+            if when.elapsed() > Duration::from_secs(14) {
+                std::fs::write(
+                    work.join("inventory.yaml"),
+                    inventory_with(
+                        args.nodes,
+                        args.max_unavailable,
+                        &extra,
+                        initiator,
+                        first_extra,
+                        Some(i),
+                    ),
+                )?;
+                git(&work, &["commit", "-q", "-am", "remove the dead node"])?;
+                // ... and deletes its Node object (kubectl delete node).
+                api.delete("nodes", "", &machines[i].host);
+                git(&work, &["push", "-q", "origin", "main"])?;
+                head = git(&work, &["rev-parse", "HEAD"])?;
+                removed = true;
+                println!(
+                    "{:>6.1}s  git push {}: {} taken out of the inventory",
+                    started.elapsed().as_secs_f64(),
+                    &head[..12],
+                    machines[i].label
+                );
+            }
+        }
         if let Some(phase) = kill_pending.clone() {
             if let Some(m) = machines
                 .iter_mut()
@@ -442,6 +515,9 @@ fn simulate() -> anyhow::Result<bool> {
             }
         }
         for (i, m) in machines.iter_mut().enumerate() {
+            if dead.is_some_and(|(d, _)| d == i) {
+                continue;
+            }
             let exited = match m.agent.as_mut() {
                 Some(c) => c.try_wait()?.is_some(),
                 None => false,
@@ -508,6 +584,7 @@ fn simulate() -> anyhow::Result<bool> {
                     &more,
                     initiator,
                     first_extra,
+                    dead.map(|(i, _)| i),
                 ),
             )?;
             git(
@@ -522,13 +599,17 @@ fn simulate() -> anyhow::Result<bool> {
                 &head[..12]
             );
         }
-        let settled = machines.iter().all(|m| {
-            let st = m.state();
-            let idle = st["phase"]["name"] == "idle";
-            let applied = st["applied"] == head.as_str();
-            let halted = st["rejected"]["commit"] == head.as_str();
-            idle && (applied || halted)
-        });
+        let settled = machines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| dead.is_none_or(|(d, _)| d != *i))
+            .all(|(_, m)| {
+                let st = m.state();
+                let idle = st["phase"]["name"] == "idle";
+                let applied = st["applied"] == head.as_str();
+                let halted = st["rejected"]["commit"] == head.as_str();
+                idle && (applied || halted)
+            });
         if settled && reboots.lock().expect("lock").is_empty() {
             break;
         }
@@ -560,7 +641,9 @@ fn simulate() -> anyhow::Result<bool> {
     for m in &machines {
         let st = m.state();
         let held = lease_time(&writes, &m.host);
-        let outcome = if st["applied"] == head.as_str() {
+        let outcome = if dead.is_some_and(|(d, _)| machines[d].host == m.host) {
+            "died; taken out of the inventory".to_string()
+        } else if st["applied"] == head.as_str() {
             "applied".to_string()
         } else if st["rejected"]["commit"] == head.as_str() {
             st["rejected"]["error"]
@@ -627,7 +710,7 @@ fn max_cordoned(writes: &[nk3_apiserver::Write]) -> usize {
     let mut cordoned = std::collections::BTreeSet::new();
     let mut most = 0;
     for w in writes.iter().filter(|w| w.resource == "nodes") {
-        if w.object["metadata"]["annotations"]["nk3.io/cordoned"] == "true" {
+        if w.verb != "delete" && w.object["metadata"]["annotations"]["nk3.io/cordoned"] == "true" {
             cordoned.insert(w.name.clone());
         } else {
             cordoned.remove(&w.name);

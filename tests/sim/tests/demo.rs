@@ -107,9 +107,9 @@ fn two_at_a_time_on_seven_nodes() {
 
 /// The time a table row says the node held the lease.
 fn held(row: &str) -> f64 {
+    // node, hostname, commit, phase, lease held, outcome…
     row.split_whitespace()
-        .rev()
-        .nth(1)
+        .nth(4)
         .and_then(|t| t.trim_end_matches('s').parse().ok())
         .unwrap()
 }
@@ -150,4 +150,39 @@ fn a_second_commit_mid_rollout_is_where_every_node_ends() {
             .all(|r| r.contains(&second[..12]) && r.ends_with("applied")),
         "{second}: {text}"
     );
+}
+
+#[test]
+fn a_configuration_nix_rejects_disrupts_nobody() {
+    let (ok, text) = sim(&["--change", "nix-error"]);
+    assert!(ok, "{text}");
+    let rows = rows(&text);
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("error: syntax error") && held(r) == 0.0),
+        "{text}"
+    );
+    assert!(text.contains("at most 0 node(s) cordoned"), "{text}");
+}
+
+#[test]
+fn a_node_that_dies_holding_the_lease_is_waited_for_until_it_leaves_the_inventory() {
+    let (ok, text) = sim(&["--die-in", "rebooting"]);
+    assert!(ok, "{text}");
+    let rows = rows(&text);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.ends_with("died; taken out of the inventory"))
+            .count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        rows.iter().filter(|r| r.ends_with("applied")).count(),
+        2,
+        "{text}"
+    );
+    // While the dead node was NotReady and in the inventory, nobody else was disrupted.
+    assert!(text.contains("is NotReady"), "{text}");
+    assert!(text.contains("at most 1 node(s) cordoned"), "{text}");
 }
