@@ -59,6 +59,10 @@ struct Args {
     /// Make the k3s API unreachable for this long right after the push.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     api_down: Option<Duration>,
+    /// Stop the git server for this long once the first node starts its disruption (the
+    /// agents then work from what they fetched).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    git_down: Option<Duration>,
     /// Print every agent log line, not only the rollout's milestones.
     #[arg(long)]
     verbose: bool,
@@ -313,7 +317,32 @@ fn simulate() -> anyhow::Result<bool> {
     git(&work, &["add", "-A"])?;
     git(&work, &["commit", "-q", "-m", "the cluster"])?;
     git(&work, &["push", "-q", "origin", "main"])?;
-    let repo = base.join("infra.git").display().to_string();
+    // The repository is served by git daemon on loopback, as a real git server would be.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let exec_path = git(base, &["--exec-path"])?;
+    let serve = |port: u16| -> anyhow::Result<Child> {
+        let child = Command::new(Path::new(&exec_path).join("git-daemon"))
+            .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(base)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("git daemon")?;
+        let up = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if up.elapsed() > Duration::from_secs(10) {
+                bail!("git daemon did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child)
+    };
+    let mut daemon = Some(serve(port)?);
+    let repo = format!("git://127.0.0.1:{port}/infra.git");
 
     // Bring the machines up: each applies the inventory before its k3s runs (bootstrap),
     // then k3s "starts": the Node appears Ready and the kubeconfig is written.
@@ -438,7 +467,38 @@ fn simulate() -> anyhow::Result<bool> {
         Instant::now() + d
     });
     let mut api_is_down = api_back.is_some();
+    let mut git_back: Option<Instant> = None;
+    let mut git_pending = args.git_down;
     loop {
+        if let Some(d) = git_pending {
+            let disrupting = |m: &Machine| {
+                matches!(
+                    m.state()["phase"]["name"].as_str(),
+                    Some("draining" | "switching" | "rebooting" | "verifying")
+                )
+            };
+            if machines.iter().any(disrupting) {
+                if let Some(mut c) = daemon.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                git_back = Some(Instant::now() + d);
+                git_pending = None;
+                println!(
+                    "{:>6.1}s  the git server is down for {}",
+                    started.elapsed().as_secs_f64(),
+                    humantime::format_duration(d)
+                );
+            }
+        }
+        if git_back.is_some_and(|t| Instant::now() >= t) {
+            daemon = Some(serve(port)?);
+            git_back = None;
+            println!(
+                "{:>6.1}s  the git server is back",
+                started.elapsed().as_secs_f64()
+            );
+        }
         if api_is_down && api_back.is_some_and(|t| Instant::now() >= t) {
             api.set_unreachable(false);
             api_is_down = false;
@@ -624,6 +684,10 @@ fn simulate() -> anyhow::Result<bool> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let wall = rollout_start.elapsed();
+    if let Some(mut c) = daemon.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     for m in &mut machines {
         if let Some(mut c) = m.agent.take() {
             let _ = c.kill();

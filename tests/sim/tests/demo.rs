@@ -186,3 +186,15 @@ fn a_node_that_dies_holding_the_lease_is_waited_for_until_it_leaves_the_inventor
     assert!(text.contains("is NotReady"), "{text}");
     assert!(text.contains("at most 1 node(s) cordoned"), "{text}");
 }
+
+#[test]
+fn the_git_server_down_mid_rollout_does_not_stop_it() {
+    let (ok, text) = sim(&["--git-down", "20s"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("the git server is down"), "{text}");
+    assert!(
+        !text.contains("the git server is back"),
+        "the rollout finished without it:\n{text}"
+    );
+    assert!(rows(&text).iter().all(|r| r.ends_with("applied")), "{text}");
+}
