@@ -454,40 +454,17 @@ impl Cluster {
 
     /// Marks `commit` halted on the first lease, for every node to see.
     pub fn set_halt(&self, commit: &str, reason: &str) -> Result<(), KubeError> {
-        for _ in 0..5 {
-            let current = self.kube.lease(NAMESPACE, LEASE_FIRST)?;
-            let mut l = match current {
-                Some(l) => l,
-                None => {
-                    let l = Lease {
-                        metadata: ObjectMeta {
-                            name: Some(LEASE_FIRST.into()),
-                            namespace: Some(NAMESPACE.into()),
-                            ..ObjectMeta::default()
-                        },
-                        spec: Some(LeaseSpec::default()),
-                    };
-                    match self.kube.create_lease(NAMESPACE, &l) {
-                        Ok(l) => l,
-                        Err(e) if e.code() == Some(409) => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-            };
-            let a = l.metadata.annotations.get_or_insert_with(BTreeMap::new);
-            a.insert(HALTED_COMMIT.into(), commit.into());
-            a.insert(HALTED_REASON.into(), reason.chars().take(500).collect());
-            a.insert(HALTED_NODE.into(), self.me.clone());
-            match self.kube.replace_lease(NAMESPACE, &l) {
-                Err(e) if e.code() == Some(409) => continue,
-                other => return other.map(|_| ()),
-            }
-        }
-        Ok(())
+        let reason: String = reason.chars().take(500).collect();
+        self.annotate_lease(&[
+            (HALTED_COMMIT, Some(commit)),
+            (HALTED_REASON, Some(&reason)),
+            (HALTED_NODE, Some(&self.me)),
+        ])
     }
 
-    /// Sets an annotation on the first lease (creating it, free, if there is none).
-    fn annotate_lease(&self, key: &str, value: Option<&str>) -> Result<(), KubeError> {
+    /// Sets (or, with `None`, removes) annotations on the first lease, creating it, free, if
+    /// there is none.
+    fn annotate_lease(&self, changes: &[(&str, Option<&str>)]) -> Result<(), KubeError> {
         for _ in 0..5 {
             let mut l = match self.kube.lease(NAMESPACE, LEASE_FIRST)? {
                 Some(l) => l,
@@ -508,10 +485,12 @@ impl Cluster {
                 }
             };
             let a = l.metadata.annotations.get_or_insert_with(BTreeMap::new);
-            match value {
-                Some(v) => a.insert(key.into(), v.into()),
-                None => a.remove(key),
-            };
+            for (key, value) in changes {
+                match value {
+                    Some(v) => a.insert((*key).into(), (*v).into()),
+                    None => a.remove(*key),
+                };
+            }
             match self.kube.replace_lease(NAMESPACE, &l) {
                 Err(e) if e.code() == Some(409) => continue,
                 other => return other.map(|_| ()),
@@ -522,7 +501,7 @@ impl Cluster {
 
     /// Asks every agent to fetch now (`nk3-agent nudge`).
     pub fn nudge(&self, commit: &str) -> Result<(), KubeError> {
-        self.annotate_lease(DESIRED_COMMIT, Some(commit))
+        self.annotate_lease(&[(DESIRED_COMMIT, Some(commit))])
     }
 
     /// Waits up to `timeout`, watching the first lease, for its desired-commit annotation to
