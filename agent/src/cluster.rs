@@ -554,24 +554,11 @@ impl Cluster {
 
     /// Lifts a halt (a newer commit was applied).
     pub fn lift_halt(&self) -> Result<(), KubeError> {
-        for _ in 0..5 {
-            let Some(mut l) = self.kube.lease(NAMESPACE, LEASE_FIRST)? else {
-                return Ok(());
-            };
-            let Some(a) = l.metadata.annotations.as_mut() else {
-                return Ok(());
-            };
-            if a.remove(HALTED_COMMIT).is_none() {
-                return Ok(());
-            }
-            a.remove(HALTED_REASON);
-            a.remove(HALTED_NODE);
-            match self.kube.replace_lease(NAMESPACE, &l) {
-                Err(e) if e.code() == Some(409) => continue,
-                other => return other.map(|_| ()),
-            }
-        }
-        Ok(())
+        self.annotate_lease(&[
+            (HALTED_COMMIT, None),
+            (HALTED_REASON, None),
+            (HALTED_NODE, None),
+        ])
     }
 
     /// Cordons this node. Returns whether it was already unschedulable (then nk3 leaves it

@@ -347,12 +347,7 @@ impl Agent {
                     let had_previous = self.previous_path().exists();
                     self.restore(had_previous)?;
                     error!(host = %self.host(), commit = %short(Some(&commit)), "{msg}");
-                    self.state.rejected = Some(Rejected {
-                        commit: commit.clone(),
-                        error: msg.clone(),
-                        at: state::now(),
-                    });
-                    self.state.phase = Phase::Idle;
+                    self.mark_rejected(commit.clone(), msg.clone());
                     self.finish(Outcome::Rejected, Some(&commit), msg)?;
                     Ok(None)
                 }
@@ -808,12 +803,7 @@ impl Agent {
     fn switch_failed(&mut self, t: &Target, msg: String) -> anyhow::Result<Outcome> {
         let c = short(Some(&t.commit));
         error!(host = %t.host, commit = %c, "switching {} to commit {c} failed; not trying this commit again: {msg}", t.host);
-        self.state.rejected = Some(Rejected {
-            commit: t.commit.clone(),
-            error: msg.clone(),
-            at: state::now(),
-        });
-        self.state.phase = Phase::Idle;
+        self.mark_rejected(t.commit.clone(), msg.clone());
         self.finish(Outcome::Rejected, Some(&t.commit), msg)
     }
 
@@ -840,17 +830,23 @@ impl Agent {
         let c = short(Some(&t.commit));
         error!(host = %t.host, commit = %c, "commit {c} rejected on {}: {error}", t.host);
         warn!(host = %t.host, commit = %c, "Changes reverted on {}: configuration.nix is back to what it was", t.host);
-        self.state.rejected = Some(Rejected {
-            commit: t.commit.clone(),
-            error: error.clone(),
-            at: state::now(),
-        });
-        self.state.phase = Phase::Idle;
+        self.mark_rejected(t.commit.clone(), error.clone());
         self.finish(
             Outcome::Rejected,
             Some(&t.commit),
             format!("commit {c} rejected: {error}"),
         )
+    }
+
+    /// Records `commit` as not to be tried again (until a new commit arrives) and ends
+    /// whatever phase was under way.
+    pub(crate) fn mark_rejected(&mut self, commit: impl Into<String>, error: impl Into<String>) {
+        self.state.rejected = Some(Rejected {
+            commit: commit.into(),
+            error: error.into(),
+            at: state::now(),
+        });
+        self.state.phase = Phase::Idle;
     }
 
     pub(crate) fn previous_path(&self) -> PathBuf {

@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::cluster::{Acquire, Cluster};
 use crate::reconcile::{short, Agent, Target};
-use crate::state::{self, Hold, Outcome, Phase, Rejected};
+use crate::state::{self, Hold, Outcome, Phase};
 
 /// What a verification is about.
 #[derive(Debug)]
@@ -31,6 +31,18 @@ pub(crate) struct Verify {
     pub rollback: Option<String>,
     /// Namespaces whose workloads must be healthy.
     pub watch: Vec<String>,
+}
+
+/// A verification to take up again after a restart or a reboot.
+struct Resumed {
+    commit: String,
+    host: String,
+    system: String,
+    hold: Hold,
+    /// None: a full health timeout from now.
+    deadline: Option<SystemTime>,
+    /// The reason of the rollback being checked, if it is one.
+    rollback: Option<String>,
 }
 
 /// How often verification looks again.
@@ -249,12 +261,7 @@ impl Agent {
                 self.restore(had_previous)?;
                 let current = self.nixos().current();
                 self.state.applied_system = current;
-                self.state.rejected = Some(Rejected {
-                    commit: commit.to_string(),
-                    error: format!("halted: {why}"),
-                    at: state::now(),
-                });
-                self.state.phase = Phase::Idle;
+                self.mark_rejected(commit.to_string(), format!("halted: {why}"));
                 cluster.event("Halted", &format!("commit {c} is halted: {why}"), true);
                 error!(host = %host, commit = %c, "commit {c} halted for the whole cluster: {why}");
                 self.finish(
@@ -344,12 +351,7 @@ impl Agent {
         );
         let had_previous = self.previous_path().exists();
         self.restore(had_previous)?;
-        self.state.rejected = Some(Rejected {
-            commit: t.commit.clone(),
-            error: msg.clone(),
-            at: state::now(),
-        });
-        self.state.phase = Phase::Idle;
+        self.mark_rejected(t.commit.clone(), msg.clone());
         warn!(host = %t.host, commit = %c, "{msg}");
         self.finish(Outcome::Refused, Some(&t.commit), msg)
     }
@@ -361,6 +363,24 @@ impl Agent {
             cluster.let_go()?;
         }
         Ok(())
+    }
+
+    /// Verification taken up again after a restart or a reboot, with the rollout settings of
+    /// the commit's inventory; no deadline yet: a full health timeout from now.
+    fn verify_resumed(&mut self, repo: &Repository, r: Resumed) -> anyhow::Result<Outcome> {
+        let inv = self.inventory_at(repo, &r.commit)?;
+        let v = Verify {
+            deadline: r
+                .deadline
+                .unwrap_or_else(|| SystemTime::now() + inv.rollout.health_timeout),
+            commit: r.commit,
+            host: r.host,
+            system: r.system,
+            hold: r.hold,
+            rollback: r.rollback,
+            watch: inv.watch_namespaces.clone(),
+        };
+        self.verify(v, &inv.rollout)
     }
 
     /// Resumes a phase that holds the lease, after a restart or a reboot. `Some` ends the
@@ -381,9 +401,7 @@ impl Agent {
                     self.nixos().reboot()?;
                     return Ok(Some(Outcome::Rebooting));
                 }
-                let inv = self.inventory_at(repo, &commit)?;
                 info!(host = %host, commit = %short(Some(&commit)), "{host} is back; checking its health");
-                let deadline = SystemTime::now() + inv.rollout.health_timeout;
                 let reason = rollback.then(|| {
                     self.state
                         .last
@@ -391,16 +409,15 @@ impl Agent {
                         .map(|l| l.message.clone())
                         .unwrap_or_default()
                 });
-                let v = Verify {
+                let v = Resumed {
                     commit,
                     host,
                     system,
                     hold,
-                    deadline,
+                    deadline: None,
                     rollback: reason,
-                    watch: inv.watch_namespaces.clone(),
                 };
-                Ok(Some(self.verify(v, &inv.rollout)?))
+                self.verify_resumed(repo, v).map(Some)
             }
             Phase::Verifying {
                 commit,
@@ -410,20 +427,18 @@ impl Agent {
                 rollback,
                 reason,
             } => {
-                let inv = self.inventory_at(repo, &commit)?;
-                let deadline =
-                    humantime::parse_rfc3339(&deadline).unwrap_or_else(|_| SystemTime::now());
+                let deadline = humantime::parse_rfc3339(&deadline).ok();
                 let reason = rollback.then(|| reason.unwrap_or_default());
-                let v = Verify {
+                // A deadline that cannot be read has passed: judge the node now.
+                let v = Resumed {
                     commit,
                     host,
                     system,
                     hold,
-                    deadline,
+                    deadline: deadline.or(Some(SystemTime::now())),
                     rollback: reason,
-                    watch: inv.watch_namespaces.clone(),
                 };
-                Ok(Some(self.verify(v, &inv.rollout)?))
+                self.verify_resumed(repo, v).map(Some)
             }
             Phase::Switching {
                 commit,
@@ -432,18 +447,18 @@ impl Agent {
                 reboot: false,
             } if self.nixos().current().as_deref() == Some(system.as_str()) => {
                 // The switch finished before the agent stopped: verify it, under the lease.
-                let inv = self.inventory_at(repo, &commit)?;
-                let deadline = SystemTime::now() + inv.rollout.health_timeout;
-                let v = Verify {
-                    commit,
-                    host,
-                    system,
-                    hold,
-                    deadline,
-                    rollback: None,
-                    watch: inv.watch_namespaces.clone(),
-                };
-                Ok(Some(self.verify(v, &inv.rollout)?))
+                self.verify_resumed(
+                    repo,
+                    Resumed {
+                        commit,
+                        host,
+                        system,
+                        hold,
+                        deadline: None,
+                        rollback: None,
+                    },
+                )
+                .map(Some)
             }
             Phase::Draining { .. } => {
                 // Interrupted while draining: go through the steps again (the lease is still
