@@ -142,17 +142,7 @@ fn a_live_holder_keeps_the_lease_and_the_node_waits_without_building_again() {
     let mut node = member(&repo, &api, "172.30.190.3", HOST3);
     node.env.push(("NK3_POLL_INTERVAL".into(), "1s".into()));
     // Node .4 holds the lease, renewed just now, as a live holder's is.
-    api.set(
-        "leases",
-        "kube-system",
-        "nk3-rollout",
-        json!({
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": { "namespace": "kube-system" },
-            "spec": { "holderIdentity": HOST4, "leaseDurationSeconds": 600,
-                      "renewTime": now_micro(), "acquireTime": now_micro() },
-        }),
-    );
+    hold_lease(&api, HOST4, 600);
     let head = repo.commit(
         "inventory.yaml",
         &dns(&inventory(""), "9.9.9.9"),
@@ -189,25 +179,24 @@ fn a_live_holder_keeps_the_lease_and_the_node_waits_without_building_again() {
     assert_eq!(builds, 1, "{:?}", node.calls("nixos-rebuild"));
 }
 
+/// Puts the rollout Lease in the hands of `holder`, renewed just now, for `seconds` (as a
+/// live holder — or one about to die — leaves it).
+fn hold_lease(api: &ApiServer, holder: &str, seconds: u64) {
+    api.set(
+        "leases",
+        "kube-system",
+        "nk3-rollout",
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {},
+            "spec": { "holderIdentity": holder, "leaseDurationSeconds": seconds,
+                      "renewTime": now_micro(), "acquireTime": now_micro(), "leaseTransitions": 0 },
+        }),
+    );
+}
+
+/// Now, as Kubernetes writes a MicroTime.
 fn now_micro() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    // RFC 3339 with microseconds, as Kubernetes writes MicroTime.
-    let out = std::process::Command::new("date")
-        .args([
-            "-u",
-            "-d",
-            &format!("@{}", d.as_secs()),
-            "+%Y-%m-%dT%H:%M:%S",
-        ])
-        .output()
-        .unwrap();
-    format!(
-        "{}.{:06}Z",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        d.subsec_micros()
-    )
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
 }
 
 #[test]
@@ -576,16 +565,7 @@ fn a_dead_holder_loses_the_lease_at_expiry_and_then_the_gate_waits_for_it() {
     let mut node = member(&repo, &api, "172.30.190.3", HOST3);
     node.env.push(("NK3_POLL_INTERVAL".into(), "1s".into()));
     // Node .4 took the lease and died: its claim runs out in 3 s, and it is NotReady.
-    api.set(
-        "leases",
-        "kube-system",
-        "nk3-rollout",
-        json!({
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {},
-            "spec": { "holderIdentity": HOST4, "leaseDurationSeconds": 3,
-                      "renewTime": now_micro(), "acquireTime": now_micro(), "leaseTransitions": 0 },
-        }),
-    );
+    hold_lease(&api, HOST4, 3);
     api.set_ready(HOST4, false);
     repo.commit(
         "inventory.yaml",
@@ -839,12 +819,7 @@ fn a_node_waiting_while_the_holder_halts_the_commit_does_not_apply_it() {
     let repo = Repo::with_inventory(&inventory(""));
     let mut node = member(&repo, &api, "172.30.190.3", HOST3);
     node.env.push(("NK3_POLL_INTERVAL".into(), "10s".into()));
-    let held = json!({
-        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {},
-        "spec": { "holderIdentity": HOST4, "leaseDurationSeconds": 600,
-                  "renewTime": now_micro(), "acquireTime": now_micro() },
-    });
-    api.set("leases", "kube-system", "nk3-rollout", held);
+    hold_lease(&api, HOST4, 600);
     let head = repo.commit(
         "inventory.yaml",
         &dns(&inventory(""), "9.9.9.9"),

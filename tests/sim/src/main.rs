@@ -59,8 +59,8 @@ struct Args {
     /// Make the k3s API unreachable for this long right after the push.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     api_down: Option<Duration>,
-    /// Stop the git server for this long once the first node starts its disruption (the
-    /// agents then work from what they fetched).
+    /// Stop the git server for this long once every agent has fetched the pushed commit and
+    /// the first node is being disrupted (the agents then work from what they fetched).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     git_down: Option<Duration>,
     /// Print every agent log line, not only the rollout's milestones.
@@ -105,6 +105,15 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
+/// Writes the inventory in the work clone, commits everything and pushes; the new head.
+fn push(work: &Path, inventory: &str, message: &str) -> anyhow::Result<String> {
+    std::fs::write(work.join("inventory.yaml"), inventory)?;
+    git(work, &["add", "-A"])?;
+    git(work, &["commit", "-q", "-m", message])?;
+    git(work, &["push", "-q", "origin", "main"])?;
+    git(work, &["rev-parse", "HEAD"])
+}
+
 fn inventory(n: usize, max_unavailable: u32, extra: &str) -> String {
     inventory_with(n, max_unavailable, extra, 0, "", None)
 }
@@ -144,6 +153,9 @@ struct Machine {
     label: String,
     root: PathBuf,
     agent: Option<Child>,
+    /// A stand-in kill point (NK3_FAKE_KILL) and the directory that lets only the first node
+    /// reaching it be killed.
+    kill: Option<(String, PathBuf)>,
 }
 
 impl Machine {
@@ -175,6 +187,7 @@ impl Machine {
             host,
             root,
             agent: None,
+            kill: None,
         })
     }
 
@@ -201,6 +214,10 @@ impl Machine {
             .env("NK3_SIM_SUPERVISED", "1")
             .env("NK3_POLL_INTERVAL", "2s")
             .env_remove("JOURNAL_STREAM");
+        if let Some((point, once)) = &self.kill {
+            c.env("NK3_FAKE_KILL", point)
+                .env("NK3_FAKE_KILL_ONCE", once);
+        }
         c
     }
 
@@ -312,11 +329,11 @@ fn simulate() -> anyhow::Result<bool> {
     git(base, &["clone", "-q", "infra.git", "work"])?;
     let work = base.join("work");
     git(&work, &["checkout", "-q", "-b", "main"])?;
-    let inv = inventory(args.nodes, args.max_unavailable, "");
-    std::fs::write(work.join("inventory.yaml"), &inv)?;
-    git(&work, &["add", "-A"])?;
-    git(&work, &["commit", "-q", "-m", "the cluster"])?;
-    git(&work, &["push", "-q", "origin", "main"])?;
+    push(
+        &work,
+        &inventory(args.nodes, args.max_unavailable, ""),
+        "the cluster",
+    )?;
     // The repository is served by git daemon on loopback, as a real git server would be.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -374,7 +391,28 @@ fn simulate() -> anyhow::Result<bool> {
         started.elapsed().as_secs_f64(),
         args.nodes
     );
+    // Kills happen at the exact moment, inside the stand-in the agent is running; draining
+    // runs no command, so it is caught from outside, made long enough by a pod to evict.
+    let kill_point = match args.kill_in.as_deref() {
+        Some("switching") => Some("boot-start"),
+        Some("rebooting") => Some("reboot-start"),
+        Some("verifying") => Some("is-active-start"),
+        _ => None,
+    };
     for m in &mut machines {
+        if let Some(point) = kill_point {
+            m.kill = Some((point.to_string(), base.join("killed-once")));
+        }
+        if args.kill_in.as_deref() == Some("draining") {
+            api.add_pod(
+                "default",
+                &format!("web-{}", m.label),
+                &m.host,
+                serde_json::json!({"app": "web"}),
+                Some("ReplicaSet"),
+                2,
+            );
+        }
         start_agent(m, &repo, args.verbose, started)?;
     }
 
@@ -420,9 +458,9 @@ fn simulate() -> anyhow::Result<bool> {
         )?;
         extra.push_str("  template: broken.nix.hbs\n");
     }
-    std::fs::write(
-        work.join("inventory.yaml"),
-        inventory_with(
+    let mut head = push(
+        &work,
+        &inventory_with(
             args.nodes,
             args.max_unavailable,
             &extra,
@@ -430,11 +468,8 @@ fn simulate() -> anyhow::Result<bool> {
             first_extra,
             None,
         ),
+        what,
     )?;
-    git(&work, &["add", "-A"])?;
-    git(&work, &["commit", "-q", "-m", what])?;
-    git(&work, &["push", "-q", "origin", "main"])?;
-    let mut head = git(&work, &["rev-parse", "HEAD"])?;
     let rollout_start = Instant::now();
     println!(
         "{:>6.1}s  git push {}: {}",
@@ -477,7 +512,12 @@ fn simulate() -> anyhow::Result<bool> {
                     Some("draining" | "switching" | "rebooting" | "verifying")
                 )
             };
-            if machines.iter().any(disrupting) {
+            // Once every agent has fetched the commit (what is mid-rollout about it) and one
+            // node is being disrupted.
+            let fetched = machines
+                .iter()
+                .all(|m| m.state()["fetched"] == head.as_str());
+            if fetched && machines.iter().any(disrupting) {
                 if let Some(mut c) = daemon.take() {
                     let _ = c.kill();
                     let _ = c.wait();
@@ -531,9 +571,12 @@ fn simulate() -> anyhow::Result<bool> {
             // The lease runs out 10 s after the last renewal; the others wait, then the gate
             // holds them while the dead Node is NotReady. An operator takes it out.
             if when.elapsed() > Duration::from_secs(14) {
-                std::fs::write(
-                    work.join("inventory.yaml"),
-                    inventory_with(
+                // The operator deletes its Node object (kubectl delete node) and takes it out of
+                // the inventory.
+                api.delete("nodes", "", &machines[i].host);
+                head = push(
+                    &work,
+                    &inventory_with(
                         args.nodes,
                         args.max_unavailable,
                         &extra,
@@ -541,12 +584,8 @@ fn simulate() -> anyhow::Result<bool> {
                         first_extra,
                         Some(i),
                     ),
+                    "remove the dead node",
                 )?;
-                git(&work, &["commit", "-q", "-am", "remove the dead node"])?;
-                // ... and deletes its Node object (kubectl delete node).
-                api.delete("nodes", "", &machines[i].host);
-                git(&work, &["push", "-q", "origin", "main"])?;
-                head = git(&work, &["rev-parse", "HEAD"])?;
                 removed = true;
                 println!(
                     "{:>6.1}s  git push {}: {} taken out of the inventory",
@@ -556,7 +595,7 @@ fn simulate() -> anyhow::Result<bool> {
                 );
             }
         }
-        if let Some(phase) = kill_pending.clone() {
+        if let (Some(phase), None) = (kill_pending.clone(), kill_point) {
             if let Some(m) = machines
                 .iter_mut()
                 .find(|m| m.agent.is_some() && m.state()["phase"]["name"] == phase.as_str())
@@ -579,11 +618,21 @@ fn simulate() -> anyhow::Result<bool> {
                 continue;
             }
             let exited = match m.agent.as_mut() {
-                Some(c) => c.try_wait()?.is_some(),
-                None => false,
+                Some(c) => c.try_wait()?,
+                None => None,
             };
-            if exited {
+            if let Some(status) = exited {
                 m.agent = None;
+                use std::os::unix::process::ExitStatusExt as _;
+                if status.signal() == Some(9) {
+                    if let Some(phase) = kill_pending.take() {
+                        println!(
+                            "{:>6.1}s  {:<7} agent killed (SIGKILL) while {phase}; systemd starts it again",
+                            started.elapsed().as_secs_f64(),
+                            m.label
+                        );
+                    }
+                }
                 if m.root.join("reboot-requested").exists() {
                     api.set_ready(&m.host, false);
                     reboots
@@ -636,9 +685,9 @@ fn simulate() -> anyhow::Result<bool> {
         {
             second_pending = false;
             let more = format!("{extra}  ssh_authorized_keys: [ \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGvU9D2rsCWEmm3mZmrqKBX0tkpPMngu8nF6vyy6o8xz second\" ]\n");
-            std::fs::write(
-                work.join("inventory.yaml"),
-                inventory_with(
+            head = push(
+                &work,
+                &inventory_with(
                     args.nodes,
                     args.max_unavailable,
                     &more,
@@ -646,13 +695,8 @@ fn simulate() -> anyhow::Result<bool> {
                     first_extra,
                     dead.map(|(i, _)| i),
                 ),
+                "a second change, mid-rollout",
             )?;
-            git(
-                &work,
-                &["commit", "-q", "-am", "a second change, mid-rollout"],
-            )?;
-            git(&work, &["push", "-q", "origin", "main"])?;
-            head = git(&work, &["rev-parse", "HEAD"])?;
             println!(
                 "{:>6.1}s  git push {}: a second change, mid-rollout",
                 started.elapsed().as_secs_f64(),
