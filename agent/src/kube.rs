@@ -9,7 +9,7 @@ use std::io::BufRead as _;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -64,6 +64,31 @@ impl KubeError {
             _ => None,
         }
     }
+}
+
+/// Which failed answers a request asks again for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Connection errors, 429 and 5xx.
+    All,
+    /// Connection errors and 5xx (a 429 means something to the caller).
+    No429,
+    /// Nothing: the caller has its own loop (evictions, retried every few seconds within
+    /// the drain timeout).
+    Never,
+}
+
+/// One event of a watch on a Lease.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// The Lease was added, modified or deleted, and the caller said that was it.
+    Changed,
+    /// The server cannot serve events from that resourceVersion any more (410 Expired):
+    /// list again and watch from the list's version.
+    Expired,
+    /// The watch ended (its timeout, or the server closed it): watch again from the last
+    /// version seen.
+    Ended,
 }
 
 /// A connection to the k3s API.
@@ -128,12 +153,13 @@ impl Kube {
         method: reqwest::Method,
         path: &str,
         body: Option<(&str, Vec<u8>)>,
-        retry_429: bool,
+        retry: Retry,
     ) -> Result<(u16, Vec<u8>), KubeError> {
+        let attempts = if retry == Retry::Never { 1 } else { ATTEMPTS };
         let what = format!("{method} {path}");
         let mut delay = Duration::from_millis(200);
         let mut last = String::new();
-        for attempt in 1..=ATTEMPTS {
+        for attempt in 1..=attempts {
             let mut req = self
                 .http
                 .request(method.clone(), format!("{}{path}", self.base));
@@ -159,7 +185,7 @@ impl Kube {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<u64>().ok());
                     let bytes = resp.bytes().map(|b| b.to_vec()).unwrap_or_default();
-                    let transient = code >= 500 || (code == 429 && retry_429);
+                    let transient = code >= 500 || (code == 429 && retry == Retry::All);
                     if !transient {
                         if code >= 400 {
                             return Err(status_error(&what, code, &bytes));
@@ -170,12 +196,12 @@ impl Kube {
                     if let Some(s) = retry_after {
                         delay = Duration::from_secs(s.min(5));
                     }
-                    if attempt == ATTEMPTS {
+                    if attempt == attempts {
                         return Err(status_error(&what, code, &bytes));
                     }
                 }
             }
-            if attempt < ATTEMPTS {
+            if attempt < attempts {
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -196,7 +222,7 @@ impl Kube {
 
     /// GET an object; `None` when it does not exist.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, KubeError> {
-        match self.request(reqwest::Method::GET, path, None, true) {
+        match self.request(reqwest::Method::GET, path, None, Retry::All) {
             Ok((_, b)) => Self::decode(path, &b).map(Some),
             Err(e) if e.code() == Some(404) => Ok(None),
             Err(e) => Err(e),
@@ -214,13 +240,13 @@ impl Kube {
             what: path.to_string(),
             detail: e.to_string(),
         })?;
-        let (_, b) = self.request(method, path, Some((content_type, bytes)), true)?;
+        let (_, b) = self.request(method, path, Some((content_type, bytes)), Retry::All)?;
         Self::decode(path, &b)
     }
 
     /// The API's own health (`/readyz`).
     pub fn ready(&self) -> bool {
-        self.request(reqwest::Method::GET, "/readyz", None, false)
+        self.request(reqwest::Method::GET, "/readyz", None, Retry::No429)
             .is_ok()
     }
 
@@ -257,25 +283,49 @@ impl Kube {
         )
     }
 
-    /// Waits up to `timeout` for the Lease to change after `resource_version`; true when it
-    /// did, false when the time ran out.
+    /// The Lease named `name` (if it exists) and the list's resourceVersion, the version
+    /// to watch from (an object's own version may already be older than the server's watch
+    /// window).
+    pub fn list_lease(&self, ns: &str, name: &str) -> Result<(Option<Lease>, String), KubeError> {
+        #[derive(serde::Deserialize)]
+        struct LeaseList {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ListMeta,
+            items: Vec<Lease>,
+        }
+        let path = format!(
+            "{}?fieldSelector=metadata.name%3D{name}",
+            Self::lease_path(ns, None)
+        );
+        let (_, b) = self.request(reqwest::Method::GET, &path, None, Retry::All)?;
+        let list: LeaseList = Self::decode(&path, &b)?;
+        Ok((
+            list.items.into_iter().next(),
+            list.metadata.resource_version.unwrap_or_default(),
+        ))
+    }
+
+    /// Watches the Lease from `resource_version` for up to `timeout`, calling `on_event`
+    /// for each event until it returns true. Bookmarks move `resource_version` on. Returns
+    /// how the watch ended: [`WatchEvent::Changed`] when `on_event` said stop,
+    /// [`WatchEvent::Expired`] on 410, [`WatchEvent::Ended`] when the stream closed.
     pub fn watch_lease(
         &self,
         ns: &str,
         name: &str,
-        resource_version: &str,
+        resource_version: &mut String,
         timeout: Duration,
-    ) -> Result<bool, KubeError> {
+        on_event: &mut dyn FnMut(Option<Lease>) -> bool,
+    ) -> Result<WatchEvent, KubeError> {
         let secs = timeout.as_secs().max(1);
         let path = format!(
-            "{}?watch=1&fieldSelector=metadata.name%3D{name}&resourceVersion={resource_version}&timeoutSeconds={secs}",
+            "{}?watch=1&allowWatchBookmarks=true&fieldSelector=metadata.name%3D{name}&resourceVersion={resource_version}&timeoutSeconds={secs}",
             Self::lease_path(ns, None)
         );
-        let what = format!("watch {path}");
+        let what = format!("watch {}", Self::lease_path(ns, Some(name)));
         let mut req = self
             .http
             .get(format!("{}{path}", self.base))
-            .timeout(timeout + Duration::from_secs(10));
+            .timeout(Duration::from_secs(secs) + Duration::from_secs(10));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -285,18 +335,59 @@ impl Kube {
             detail: error_chain(&e),
         })?;
         let code = resp.status().as_u16();
+        if code == 410 {
+            return Ok(WatchEvent::Expired);
+        }
         if code >= 400 {
             let b = resp.bytes().map(|b| b.to_vec()).unwrap_or_default();
             return Err(status_error(&what, code, &b));
         }
-        let mut line = String::new();
         let mut reader = std::io::BufReader::new(resp);
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => Ok(false),
-            Ok(_) => {
-                Self::decode::<Value>(&what, line.as_bytes()).map(|event| event["type"].is_string())
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return Ok(WatchEvent::Ended),
+                Ok(_) => {}
+            }
+            let event: Value = Self::decode(&what, line.as_bytes())?;
+            let object = &event["object"];
+            let rv = object["metadata"]["resourceVersion"].as_str();
+            match event["type"].as_str() {
+                Some("ERROR") => {
+                    if object["code"].as_u64() == Some(410) {
+                        return Ok(WatchEvent::Expired);
+                    }
+                    return Err(status_error(&what, 500, object.to_string().as_bytes()));
+                }
+                Some("BOOKMARK") => {
+                    if let Some(rv) = rv {
+                        *resource_version = rv.to_string();
+                    }
+                }
+                Some(kind @ ("ADDED" | "MODIFIED" | "DELETED")) => {
+                    if let Some(rv) = rv {
+                        *resource_version = rv.to_string();
+                    }
+                    let lease = if kind == "DELETED" {
+                        None
+                    } else {
+                        Some(Self::decode::<Lease>(&what, object.to_string().as_bytes())?)
+                    };
+                    if on_event(lease) {
+                        return Ok(WatchEvent::Changed);
+                    }
+                }
+                _ => {}
             }
         }
+    }
+
+    /// Every Lease of a namespace (the nodes' heartbeats in `kube-node-lease`).
+    pub fn leases(&self, ns: &str) -> Result<Vec<Lease>, KubeError> {
+        let path = Self::lease_path(ns, None);
+        let (_, b) = self.request(reqwest::Method::GET, &path, None, Retry::All)?;
+        Ok(Self::decode::<ListOf<Lease>>(&path, &b)?.items)
     }
 
     /// A Node.
@@ -306,7 +397,7 @@ impl Kube {
 
     /// Every Node.
     pub fn nodes(&self) -> Result<Vec<Node>, KubeError> {
-        let (_, b) = self.request(reqwest::Method::GET, "/api/v1/nodes", None, true)?;
+        let (_, b) = self.request(reqwest::Method::GET, "/api/v1/nodes", None, Retry::All)?;
         Ok(Self::decode::<ListOf<Node>>("GET /api/v1/nodes", &b)?.items)
     }
 
@@ -320,39 +411,36 @@ impl Kube {
         )
     }
 
-    /// The pods scheduled on a node.
-    pub fn pods_on(&self, node: &str) -> Result<Vec<Pod>, KubeError> {
-        let path = format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{node}");
-        let (_, b) = self.request(reqwest::Method::GET, &path, None, true)?;
-        Ok(Self::decode::<ListOf<Pod>>(&path, &b)?.items)
-    }
-
-    /// Asks to evict a pod through the Eviction API (which honours PodDisruptionBudgets).
-    pub fn evict(&self, ns: &str, name: &str) -> Result<Eviction, KubeError> {
+    /// Asks to evict a pod through the Eviction API (which honours PodDisruptionBudgets),
+    /// only if it is still the pod `uid` (not a new one of the same name). Asked once: the
+    /// drain has its own retries.
+    pub fn evict(&self, ns: &str, name: &str, uid: &str) -> Result<Eviction, KubeError> {
         let path = format!("/api/v1/namespaces/{ns}/pods/{name}/eviction");
         let body = serde_json::json!({
             "apiVersion": "policy/v1", "kind": "Eviction",
             "metadata": { "name": name, "namespace": ns },
+            "deleteOptions": { "preconditions": { "uid": uid } },
         });
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         match self.request(
             reqwest::Method::POST,
             &path,
             Some(("application/json", bytes)),
-            false,
+            Retry::Never,
         ) {
             Ok(_) => Ok(Eviction::Started),
             Err(KubeError::Status {
                 code: 429, message, ..
             }) => Ok(Eviction::Blocked(message)),
-            Err(e) if e.code() == Some(404) => Ok(Eviction::Gone),
+            // 404: gone; 409 on the UID precondition: that pod is gone, another took its name.
+            Err(e) if matches!(e.code(), Some(404 | 409)) => Ok(Eviction::Gone),
             Err(e) => Err(e),
         }
     }
 
     /// Lists objects of `path` as JSON (DaemonSets, Deployments of a namespace).
     pub fn list_json(&self, path: &str) -> Result<Vec<Value>, KubeError> {
-        let (_, b) = self.request(reqwest::Method::GET, path, None, true)?;
+        let (_, b) = self.request(reqwest::Method::GET, path, None, Retry::All)?;
         Ok(Self::decode::<ListOf<Value>>(path, &b)?.items)
     }
 

@@ -2,7 +2,10 @@
 
 mod cli;
 mod cluster;
+#[cfg(test)]
+mod cluster_tests;
 mod commands;
+mod drain;
 mod env_vars;
 mod git;
 mod kube;

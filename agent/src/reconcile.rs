@@ -786,6 +786,7 @@ impl Agent {
                 deadline: SystemTime::now() + t.rollout.health_timeout,
                 rollback: None,
                 watch: t.watch_namespaces.clone(),
+                since: SystemTime::now(),
             };
             return self.verify(v, &t.rollout);
         }

@@ -31,6 +31,8 @@ pub(crate) struct Verify {
     pub rollback: Option<String>,
     /// Namespaces whose workloads must be healthy.
     pub watch: Vec<String>,
+    /// When the switch or boot happened: health facts must be newer.
+    pub since: SystemTime,
 }
 
 /// A verification to take up again after a restart or a reboot.
@@ -43,6 +45,8 @@ struct Resumed {
     deadline: Option<SystemTime>,
     /// The reason of the rollback being checked, if it is one.
     rollback: Option<String>,
+    /// When the switch or boot happened (None: now).
+    since: Option<SystemTime>,
 }
 
 /// How often verification looks again.
@@ -84,6 +88,42 @@ impl Agent {
                 return self.halted(t, &h.node, &h.reason);
             }
         }
+        // A budget that allows no eviction now: not even cordoning, and back off (doubling,
+        // up to the drain timeout) before looking again for this commit.
+        if let Some(b) = &self.state.drain_blocked {
+            let due = humantime::parse_rfc3339(&b.next_try).is_ok_and(|t| SystemTime::now() >= t);
+            if b.commit == t.commit && !due {
+                let msg = b.reason.clone();
+                return self.finish(Outcome::Waiting, Some(&t.commit), msg);
+            }
+        }
+        if let Some(b) = cluster.drain_blocker()? {
+            let tries = match &self.state.drain_blocked {
+                Some(d) if d.commit == t.commit => d.tries + 1,
+                _ => 1,
+            };
+            let wait = (Duration::from_secs(30) * 2u32.saturating_pow(tries.min(10) - 1))
+                .min(r.drain_timeout.max(Duration::from_secs(30)));
+            let msg = format!(
+                "not draining {}: PodDisruptionBudget {} allows no eviction of {} ({}){}; looking again in {}",
+                t.host,
+                b.budget,
+                b.pod,
+                b.why,
+                if b.never { " — change the budget or the workload" } else { "" },
+                humantime::format_duration(wait)
+            );
+            self.state.drain_blocked = Some(state::DrainBlocked {
+                commit: t.commit.clone(),
+                reason: msg.clone(),
+                tries,
+                next_try: humantime::format_rfc3339_seconds(SystemTime::now() + wait).to_string(),
+            });
+            warn!(host = %t.host, commit = %c, "{msg}");
+            cluster.event("DrainBlocked", &msg, true);
+            return self.finish(Outcome::Waiting, Some(&t.commit), msg);
+        }
+        self.state.drain_blocked = None;
         // 7. The lease: wait for it (watching, not polling) up to one poll interval.
         let give_up = Instant::now() + self.settings().poll_interval;
         let mut said = false;
@@ -93,7 +133,7 @@ impl Agent {
                 Acquire::Busy {
                     holder,
                     lease,
-                    resource_version,
+                    left: expires_in,
                 } => {
                     let left = give_up.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -109,7 +149,9 @@ impl Agent {
                         info!(host = %t.host, commit = %c, "{msg}");
                     }
                     said = true;
-                    cluster.wait_for_change(&lease, &resource_version, left)?;
+                    // Woken by the holder's release, or when its claim may have run out.
+                    let wait = left.min(expires_in + Duration::from_millis(200));
+                    cluster.wait_for_change(&lease, &holder, wait)?;
                 }
             }
         };
@@ -159,7 +201,7 @@ impl Agent {
             hold: hold.clone(),
         };
         self.save()?;
-        if let Err(why) = cluster.drain(r.drain_timeout, &|| ())? {
+        if let Err(why) = cluster.drain(r.drain_timeout, &|| ()) {
             cluster.uncordon(hold.was_unschedulable)?;
             let _ = cluster.annotate(None, "idle");
             cluster.release(&hold.lease)?;
@@ -190,6 +232,7 @@ impl Agent {
             deadline,
             rollback,
             watch,
+            since,
         } = v;
         let (commit, host) = (commit.as_str(), host.as_str());
         let c = short(Some(commit)).to_string();
@@ -206,13 +249,18 @@ impl Agent {
             deadline: humantime::format_rfc3339_seconds(deadline).to_string(),
             rollback: rollback.is_some(),
             reason: rollback.clone(),
+            since: Some(humantime::format_rfc3339_micros(since).to_string()),
         };
         self.save()?;
+        let fresh = crate::cluster::Fresh {
+            boot_id: self.nixos().boot_id()?,
+            since,
+        };
         let _renewing = cluster.keep_renewed(&hold.lease, rollout.lease_duration);
         let _ = cluster.annotate(None, "verifying");
         let systemctl = self.settings().systemctl.clone();
         let outcome = loop {
-            match cluster.healthy(&systemctl, &hold.ready_before, rollout, &watch) {
+            match cluster.healthy(&systemctl, &hold.ready_before, rollout, &watch, &fresh) {
                 Ok(()) => break Ok(()),
                 Err(why) if SystemTime::now() >= deadline => break Err(why),
                 Err(_) => std::thread::sleep(VERIFY_EVERY),
@@ -339,6 +387,7 @@ impl Agent {
             deadline,
             rollback: Some(why),
             watch,
+            since: SystemTime::now(),
         };
         self.verify(v, rollout)
     }
@@ -379,6 +428,7 @@ impl Agent {
             hold: r.hold,
             rollback: r.rollback,
             watch: inv.watch_namespaces.clone(),
+            since: r.since.unwrap_or_else(SystemTime::now),
         };
         self.verify(v, &inv.rollout)
     }
@@ -416,6 +466,7 @@ impl Agent {
                     hold,
                     deadline: None,
                     rollback: reason,
+                    since: None,
                 };
                 self.verify_resumed(repo, v).map(Some)
             }
@@ -426,8 +477,10 @@ impl Agent {
                 deadline,
                 rollback,
                 reason,
+                since,
             } => {
                 let deadline = humantime::parse_rfc3339(&deadline).ok();
+                let since = since.and_then(|s| humantime::parse_rfc3339(&s).ok());
                 let reason = rollback.then(|| reason.unwrap_or_default());
                 // A deadline that cannot be read has passed: judge the node now.
                 let v = Resumed {
@@ -437,6 +490,7 @@ impl Agent {
                     hold,
                     deadline: deadline.or(Some(SystemTime::now())),
                     rollback: reason,
+                    since,
                 };
                 self.verify_resumed(repo, v).map(Some)
             }
@@ -456,6 +510,7 @@ impl Agent {
                         hold,
                         deadline: None,
                         rollback: None,
+                        since: None,
                     },
                 )
                 .map(Some)

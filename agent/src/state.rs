@@ -13,7 +13,9 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use fs2::FileExt;
 
-pub use nk3_common::state::{Hold, LastResult, Outcome, Phase, Rejected, State, VERSION};
+pub use nk3_common::state::{
+    DrainBlocked, Hold, LastResult, Outcome, Phase, Rejected, State, VERSION,
+};
 
 /// The current time in RFC 3339, to the second.
 pub fn now() -> String {

@@ -1,15 +1,20 @@
-//! The rollout lease as a value: who holds it until when, and what a node should do about it
-//! (DESIGN section 7). Pure: the time is passed in.
+//! The rollout lease as a value: who holds it, and what a node should do about it (DESIGN
+//! section 7). Pure: the time is passed in.
+//!
+//! Expiry is judged as client-go's leader election judges it: by how long *this* agent has
+//! seen the holder's record unchanged, never by the holder's `renewTime` against the local
+//! clock, so a node whose clock is off cannot take a live lease (nor keep a dead one).
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// What a Lease says, as far as the rollout cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// `spec.holderIdentity`; `None` or empty: free.
     pub holder: Option<String>,
-    /// `spec.renewTime` (or `acquireTime` when never renewed).
-    pub renewed: Option<SystemTime>,
+    /// The holder's record as written (holder, acquire and renew times, duration): when it
+    /// changes the holder is alive.
+    pub record: String,
     /// `spec.leaseDurationSeconds`.
     pub duration: Duration,
 }
@@ -27,30 +32,31 @@ pub enum Decision {
     },
     /// Already mine: renew it.
     Renew,
-    /// Someone else holds it until `until`.
+    /// Someone else holds it; unless they renew, it is theirs for `left` more.
     Wait {
         /// The holder.
         holder: String,
-        /// When their claim runs out unless renewed.
-        until: SystemTime,
+        /// How long until their claim runs out, as seen from here.
+        left: Duration,
     },
 }
 
 impl Claim {
-    /// Whether the claim is held by someone and still valid at `now`.
-    pub fn is_current(&self, now: SystemTime) -> bool {
+    /// Whether someone holds it.
+    pub fn is_held(&self) -> bool {
         self.holder.as_deref().is_some_and(|h| !h.is_empty())
-            && self.expiry().is_some_and(|e| e > now)
     }
 
-    /// When the claim runs out.
-    pub fn expiry(&self) -> Option<SystemTime> {
-        self.renewed.map(|r| r + self.duration)
+    /// Whether the claim is held and still valid, this agent having seen its record
+    /// unchanged for `unchanged_for`.
+    pub fn is_current(&self, unchanged_for: Duration) -> bool {
+        self.is_held() && unchanged_for < self.duration
     }
 }
 
-/// What `me` should do about `lease` (None: it does not exist) at `now`.
-pub fn decide(lease: Option<&Claim>, me: &str, now: SystemTime) -> Decision {
+/// What `me` should do about `lease` (None: it does not exist), having seen its record
+/// unchanged for `unchanged_for` (zero when it just changed, or on first sight).
+pub fn decide(lease: Option<&Claim>, me: &str, unchanged_for: Duration) -> Decision {
     let Some(c) = lease else {
         return Decision::Create;
     };
@@ -58,16 +64,38 @@ pub fn decide(lease: Option<&Claim>, me: &str, now: SystemTime) -> Decision {
         None | Some("") => Decision::Take { takeover: false },
         Some(h) if h == me => Decision::Renew,
         Some(h) => {
-            if c.is_current(now) {
+            if c.is_current(unchanged_for) {
                 Decision::Wait {
                     holder: h.to_string(),
-                    until: c.expiry().unwrap_or(now),
+                    left: c.duration.saturating_sub(unchanged_for),
                 }
             } else {
                 Decision::Take { takeover: true }
             }
         }
     }
+}
+
+/// How old a node's heartbeat (its Lease in `kube-node-lease`, renewed by the kubelet every
+/// quarter of its duration) may be for the node to count as alive: three quarters of the
+/// duration, three renewals missed. A dead node keeps `Ready=True` until the node-lifecycle
+/// controller's grace period (50 s by default) runs out; this notices it sooner. The
+/// renewal time is the kubelet's clock against this agent's, so clocks must agree to
+/// within this bound (NTP).
+pub fn heartbeat_bound(duration: Duration) -> Duration {
+    (duration * 3 / 4).max(Duration::from_secs(2))
+}
+
+/// The age of a heartbeat renewed at `renewed` when it is older than
+/// [`heartbeat_bound`]; `None` when it is fresh (a renewal in the future, by clock skew,
+/// is fresh).
+pub fn stale_heartbeat(
+    renewed: std::time::SystemTime,
+    duration: Duration,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let age = now.duration_since(renewed).unwrap_or_default();
+    (age > heartbeat_bound(duration)).then_some(age)
 }
 
 /// The names of the rollout's leases: one for `max_unavailable: 1`, else one per slot.
@@ -85,55 +113,66 @@ pub fn names(base: &str, max_unavailable: u32) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn t(s: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s)
-    }
-
-    fn claim(holder: Option<&str>, renewed: u64) -> Claim {
+    fn claim(holder: Option<&str>) -> Claim {
         Claim {
             holder: holder.map(str::to_string),
-            renewed: Some(t(renewed)),
+            record: "r1".into(),
             duration: Duration::from_secs(60),
         }
     }
 
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
     #[test]
     fn every_case_of_the_decision() {
-        assert_eq!(decide(None, "a", t(0)), Decision::Create);
+        assert_eq!(decide(None, "a", s(0)), Decision::Create);
         assert_eq!(
-            decide(Some(&claim(None, 0)), "a", t(0)),
+            decide(Some(&claim(None)), "a", s(0)),
             Decision::Take { takeover: false }
         );
         assert_eq!(
-            decide(Some(&claim(Some(""), 0)), "a", t(0)),
+            decide(Some(&claim(Some(""))), "a", s(0)),
             Decision::Take { takeover: false }
         );
         assert_eq!(
-            decide(Some(&claim(Some("a"), 0)), "a", t(500)),
+            decide(Some(&claim(Some("a"))), "a", s(500)),
             Decision::Renew,
             "mine, even expired"
         );
         assert_eq!(
-            decide(Some(&claim(Some("b"), 0)), "a", t(59)),
+            decide(Some(&claim(Some("b"))), "a", s(59)),
             Decision::Wait {
                 holder: "b".into(),
-                until: t(60)
+                left: s(1)
             }
         );
         assert_eq!(
-            decide(Some(&claim(Some("b"), 0)), "a", t(60)),
+            decide(Some(&claim(Some("b"))), "a", s(60)),
             Decision::Take { takeover: true },
             "expired exactly at the end"
         );
-        let never_renewed = Claim {
-            holder: Some("b".into()),
-            renewed: None,
-            duration: Duration::from_secs(60),
-        };
-        assert_eq!(
-            decide(Some(&never_renewed), "a", t(0)),
-            Decision::Take { takeover: true }
-        );
+    }
+
+    #[test]
+    fn lease_expiry_by_the_holders_clock_a_skewed_renew_time_does_not_expire_a_live_lease() {
+        // The holder's renewTime is not read at all: a lease renewed (its record changing)
+        // a moment ago is current whatever its renewTime says; one unchanged for longer
+        // than its duration has expired whatever its renewTime says.
+        let c = claim(Some("b"));
+        assert!(c.is_current(s(0)));
+        assert!(!c.is_current(s(61)));
+    }
+
+    #[test]
+    fn heartbeats_older_than_three_quarters_of_their_duration_are_stale() {
+        let t0 = std::time::SystemTime::UNIX_EPOCH + s(1_000_000);
+        let forty = s(40);
+        assert_eq!(stale_heartbeat(t0, forty, t0 + s(30)), None);
+        assert_eq!(stale_heartbeat(t0, forty, t0 + s(31)), Some(s(31)));
+        assert_eq!(stale_heartbeat(t0 + s(5), forty, t0), None, "skewed ahead");
+        assert_eq!(heartbeat_bound(s(1)), s(2), "never below two seconds");
     }
 
     #[test]

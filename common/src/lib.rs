@@ -5,6 +5,7 @@
 //! given.
 
 pub mod check;
+pub mod disruption;
 pub mod identity;
 pub mod inventory;
 pub mod kubeconfig;

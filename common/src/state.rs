@@ -95,6 +95,10 @@ pub enum Phase {
         /// Why the new generation was rolled back, when it was.
         #[serde(default)]
         reason: Option<String>,
+        /// When the switch or boot being verified happened (RFC 3339, microseconds): the
+        /// node's heartbeat must be newer.
+        #[serde(default)]
+        since: Option<String>,
     },
     /// Even the rolled-back generation is unhealthy: the node keeps the lease so that no
     /// other node is disrupted, until a person acts or a new commit fixes it.
@@ -236,6 +240,22 @@ pub struct State {
     pub next_poll: Option<String>,
     /// How long this node's last disruption took, lease taken to lease released (seconds).
     pub last_rollout_seconds: Option<u64>,
+    /// A PodDisruptionBudget that stopped this node's drain before it began; the commit is
+    /// tried again after a back-off, not every pass.
+    pub drain_blocked: Option<DrainBlocked>,
+}
+
+/// A drain that a PodDisruptionBudget stopped before the node was cordoned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainBlocked {
+    /// The commit waiting.
+    pub commit: String,
+    /// Which budget and why.
+    pub reason: String,
+    /// How many times in a row.
+    pub tries: u32,
+    /// When to look again (RFC 3339).
+    pub next_try: String,
 }
 
 impl Default for State {
@@ -257,6 +277,7 @@ impl Default for State {
             last_upgrade: None,
             next_poll: None,
             last_rollout_seconds: None,
+            drain_blocked: None,
         }
     }
 }

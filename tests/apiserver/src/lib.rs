@@ -64,6 +64,7 @@ struct World {
     objects: BTreeMap<(String, String, String), Value>,
     writes: Vec<Write>,
     faults: Vec<u16>,
+    write_faults: Vec<u16>,
     unreachable: bool,
     tokens: BTreeMap<String, String>,
 }
@@ -324,6 +325,12 @@ impl ApiServer {
         w.faults.extend(std::iter::repeat_n(status, n));
     }
 
+    /// The next `n` writes (not reads) are answered with `status`.
+    pub fn fail_next_writes(&self, n: usize, status: u16) {
+        let mut w = self.world.lock().unwrap();
+        w.write_faults.extend(std::iter::repeat_n(status, n));
+    }
+
     /// While set, connections are closed at once (the API is down).
     pub fn set_unreachable(&self, down: bool) {
         self.world.lock().unwrap().unreachable = down;
@@ -396,9 +403,16 @@ async fn handle(
             status(401, "Unauthorized", "Unauthorized"),
         );
     };
+    let is_write = req.method() != hyper::Method::GET;
     if let Some(code) = {
         let mut w = world.lock().unwrap();
-        (!w.faults.is_empty()).then(|| w.faults.remove(0))
+        if !w.faults.is_empty() {
+            Some(w.faults.remove(0))
+        } else if is_write && !w.write_faults.is_empty() {
+            Some(w.write_faults.remove(0))
+        } else {
+            None
+        }
     } {
         let code = StatusCode::from_u16(code).unwrap();
         let mut r = respond(

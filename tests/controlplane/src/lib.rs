@@ -53,6 +53,8 @@ pub struct Write {
     pub name: String,
     /// Who asked (`system:admin`, `system:node:<name>`, a service account…).
     pub user: String,
+    /// The client's User-Agent (`nk3-agent/…` for the agent).
+    pub user_agent: String,
     /// The HTTP status answered.
     pub code: u16,
     /// The object as written (writes only), else `null`.
@@ -837,6 +839,7 @@ fn parse_audit(line: &str) -> Option<Write> {
             .unwrap_or_default()
             .into(),
         user: v["user"]["username"].as_str().unwrap_or_default().into(),
+        user_agent: v["userAgent"].as_str().unwrap_or_default().into(),
         code: v["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
         object: v["responseObject"].clone(),
     })
