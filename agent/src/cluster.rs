@@ -125,11 +125,40 @@ fn claim(l: &Lease) -> Claim {
     }
 }
 
-/// When this process first saw each lease's current record, per (agent, lease): expiry
-/// is judged by how long the record has stayed the same here (DESIGN section 7), so it
-/// outlives one pass.
-static OBSERVED: std::sync::Mutex<BTreeMap<(String, String), (String, Instant)>> =
+/// When this agent first saw each lease's current record, per (agent, lease): expiry is
+/// judged by how long the record has stayed the same here (DESIGN section 7). It outlives a
+/// pass, and through `state.json` ([`seen`], [`seed`]) a restart.
+static OBSERVED: std::sync::Mutex<BTreeMap<(String, String), (String, SystemTime)>> =
     std::sync::Mutex::new(BTreeMap::new());
+
+/// What agent `me` has seen of the rollout leases, for `state.json`.
+pub fn seen(me: &str) -> BTreeMap<String, crate::state::LeaseSeen> {
+    let o = OBSERVED.lock().unwrap_or_else(|e| e.into_inner());
+    o.iter()
+        .filter(|((who, _), _)| who == me)
+        .map(|((_, lease), (record, since))| {
+            let since = humantime::format_rfc3339_micros(*since).to_string();
+            (
+                lease.clone(),
+                crate::state::LeaseSeen {
+                    record: record.clone(),
+                    since,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Takes up what agent `me` saw before a restart.
+pub fn seed(me: &str, seen: &BTreeMap<String, crate::state::LeaseSeen>) {
+    let mut o = OBSERVED.lock().unwrap_or_else(|e| e.into_inner());
+    for (lease, s) in seen {
+        if let Ok(since) = humantime::parse_rfc3339(&s.since) {
+            o.entry((me.to_string(), lease.clone()))
+                .or_insert_with(|| (s.record.clone(), since));
+        }
+    }
+}
 
 fn is_ready(n: &Node) -> bool {
     n.status
@@ -340,13 +369,14 @@ impl Cluster {
     fn unchanged_for(&self, name: &str, l: Option<&Lease>) -> Duration {
         let record = l.map(|l| claim(l).record).unwrap_or_default();
         let mut seen = OBSERVED.lock().unwrap_or_else(|e| e.into_inner());
+        let now = SystemTime::now();
         let e = seen
             .entry((self.me.clone(), name.to_string()))
-            .or_insert_with(|| (record.clone(), Instant::now()));
+            .or_insert_with(|| (record.clone(), now));
         if e.0 != record {
-            *e = (record, Instant::now());
+            *e = (record, now);
         }
-        e.1.elapsed()
+        now.duration_since(e.1).unwrap_or_default()
     }
 
     /// Tries to take one of the rollout's lease slots. Conflicts (someone wrote in between)

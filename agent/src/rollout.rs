@@ -94,6 +94,7 @@ impl Agent {
             let due = humantime::parse_rfc3339(&b.next_try).is_ok_and(|t| SystemTime::now() >= t);
             if b.commit == t.commit && !due {
                 let msg = b.reason.clone();
+                info!(host = %t.host, commit = %c, "still not draining (back-off): {msg}");
                 return self.finish(Outcome::Waiting, Some(&t.commit), msg);
             }
         }
@@ -125,6 +126,7 @@ impl Agent {
         }
         self.state.drain_blocked = None;
         // 7. The lease: wait for it (watching, not polling) up to one poll interval.
+        crate::cluster::seed(&t.host, &self.state.lease_seen);
         let give_up = Instant::now() + self.settings().poll_interval;
         let mut said = false;
         let lease = loop {
@@ -135,6 +137,7 @@ impl Agent {
                     lease,
                     left: expires_in,
                 } => {
+                    self.state.lease_seen = crate::cluster::seen(&t.host);
                     let left = give_up.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return self.finish(
@@ -252,14 +255,15 @@ impl Agent {
             since: Some(humantime::format_rfc3339_micros(since).to_string()),
         };
         self.save()?;
-        let fresh = crate::cluster::Fresh {
-            boot_id: self.nixos().boot_id()?,
-            since,
-        };
         let _renewing = cluster.keep_renewed(&hold.lease, rollout.lease_duration);
         let _ = cluster.annotate(None, "verifying");
         let systemctl = self.settings().systemctl.clone();
         let outcome = loop {
+            // The boot id is read at each look: it is this boot's the kubelet must report.
+            let fresh = crate::cluster::Fresh {
+                boot_id: self.nixos().boot_id()?,
+                since,
+            };
             match cluster.healthy(&systemctl, &hold.ready_before, rollout, &watch, &fresh) {
                 Ok(()) => break Ok(()),
                 Err(why) if SystemTime::now() >= deadline => break Err(why),

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use fs2::FileExt;
 
 pub use nk3_common::state::{
-    DrainBlocked, Hold, LastResult, Outcome, Phase, Rejected, State, VERSION,
+    DrainBlocked, Hold, LastResult, LeaseSeen, Outcome, Phase, Rejected, State, VERSION,
 };
 
 /// The current time in RFC 3339, to the second.

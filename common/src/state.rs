@@ -243,6 +243,19 @@ pub struct State {
     /// A PodDisruptionBudget that stopped this node's drain before it began; the commit is
     /// tried again after a back-off, not every pass.
     pub drain_blocked: Option<DrainBlocked>,
+    /// Each rollout lease's holder record as this agent last saw it, and since when (RFC
+    /// 3339, by this machine's clock): expiry is judged by how long it stayed unchanged,
+    /// across restarts too.
+    pub lease_seen: std::collections::BTreeMap<String, LeaseSeen>,
+}
+
+/// A rollout lease's holder record, as this agent saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseSeen {
+    /// The record (holder, acquire and renew times, duration).
+    pub record: String,
+    /// When this agent first saw it so (RFC 3339, microseconds).
+    pub since: String,
 }
 
 /// A drain that a PodDisruptionBudget stopped before the node was cordoned.
@@ -278,6 +291,7 @@ impl Default for State {
             next_poll: None,
             last_rollout_seconds: None,
             drain_blocked: None,
+            lease_seen: Default::default(),
         }
     }
 }

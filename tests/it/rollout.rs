@@ -1,9 +1,11 @@
-//! Rollouts under the cluster's lease: the real agent on simulated nodes, against the API
-//! test server (`tests/apiserver`) and real git repositories.
+//! Rollouts under the cluster's lease: the real agent on simulated nodes, against the real
+//! Kubernetes control plane (`tests/controlplane`: kube-apiserver, kube-controller-manager,
+//! kube-scheduler, etcd, and a kubelet stand-in per node heartbeating with the node's own
+//! credentials) and real git repositories.
 
 use std::time::{Duration, Instant};
 
-use nk3_apiserver::ApiServer;
+use nk3_controlplane::{ControlPlane, Write};
 use serde_json::{json, Value};
 
 use crate::fixtures::{Node, Repo, Running};
@@ -38,8 +40,8 @@ fn dns(inv: &str, server: &str) -> String {
     )
 }
 
-fn api() -> ApiServer {
-    let api = ApiServer::start();
+fn api() -> ControlPlane {
+    let api = ControlPlane::start();
     for h in [HOST3, HOST4, HOST5] {
         api.add_node(h, true);
     }
@@ -47,12 +49,21 @@ fn api() -> ApiServer {
 }
 
 /// A node brought up before its k3s ran (no kubeconfig: it applied directly), then given
-/// the kubeconfig k3s writes: from now on it is part of the cluster.
-fn member(repo: &Repo, api: &ApiServer, ip: &str, host: &str) -> Node {
+/// the kubeconfig k3s writes: from now on it is part of the cluster. Its kubelet reports
+/// the machine's boot id.
+fn member(repo: &Repo, api: &ControlPlane, ip: &str, host: &str) -> Node {
     let node = Node::new(&repo.url(), ip);
     node.pass_ok();
     node.pass_ok();
     assert_eq!(node.state()["applied"], repo.head().as_str());
+    let boot = node.root.join("boot_id");
+    api.set_boot_id_file(host, &boot);
+    let id = std::fs::read_to_string(&boot).unwrap().trim().to_string();
+    assert!(api.wait_for(Duration::from_secs(20), |api| {
+        api.node(host)
+            .is_some_and(|n| n["status"]["nodeInfo"]["bootID"] == id.as_str())
+    }));
+    assert!(api.wait_ready(host, "True", Duration::from_secs(20)));
     let k = node.root.join("etc/rancher/k3s/k3s.yaml");
     std::fs::create_dir_all(k.parent().unwrap()).unwrap();
     std::fs::write(&k, api.kubeconfig(host)).unwrap();
@@ -60,12 +71,56 @@ fn member(repo: &Repo, api: &ApiServer, ip: &str, host: &str) -> Node {
     node
 }
 
-fn lease(api: &ApiServer) -> Value {
-    api.get("leases", "kube-system", "nk3-rollout")
+/// Replaces the rollout Lease with `l` (creating it if need be), as an admin would.
+fn set_lease(api: &ControlPlane, mut l: Value) {
+    let path = ControlPlane::path("leases", "kube-system", "nk3-rollout");
+    l["metadata"]["name"] = json!("nk3-rollout");
+    l["apiVersion"] = json!("coordination.k8s.io/v1");
+    l["kind"] = json!("Lease");
+    match api.get(&path) {
+        Some(current) => {
+            l["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+            api.send(reqwest::Method::PUT, &path, "application/json", &l)
+                .unwrap();
+        }
+        None => {
+            api.create(
+                "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases",
+                &l,
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// The machine of `host` goes down, and the node-lifecycle controller has marked it.
+fn machine_down(api: &ControlPlane, host: &str) {
+    api.stop_kubelet(host);
+    assert!(api.wait_ready(host, "Unknown", Duration::from_secs(30)));
+}
+
+/// Writes by the agents to the rollout's objects, in the order etcd committed them.
+fn agent_writes(api: &ControlPlane) -> Vec<Write> {
+    let mut w: Vec<Write> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.user_agent.starts_with("nk3-agent"))
+        .collect();
+    w.sort_by_key(|w| {
+        w.object["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+    });
+    w
+}
+
+fn lease(api: &ControlPlane) -> Value {
+    api.get_object("leases", "kube-system", "nk3-rollout")
         .unwrap_or(Value::Null)
 }
 
-fn holder(api: &ApiServer) -> Option<String> {
+fn holder(api: &ControlPlane) -> Option<String> {
     lease(api)["spec"]["holderIdentity"]
         .as_str()
         .map(str::to_string)
@@ -103,8 +158,8 @@ fn a_member_applies_under_the_lease_and_leaves_the_cluster_as_it_found_it() {
     );
     assert_eq!(n["metadata"]["annotations"]["nk3.io/phase"], "idle");
     // The order of what the agent wrote: take the lease, cordon, switch, uncordon, release.
-    let w = api.writes();
-    let pos = |f: &dyn Fn(&nk3_apiserver::Write) -> bool| w.iter().position(f).unwrap();
+    let w = agent_writes(&api);
+    let pos = |f: &dyn Fn(&Write) -> bool| w.iter().position(f).unwrap();
     let took = pos(&|w| w.resource == "leases" && w.object["spec"]["holderIdentity"] == HOST3);
     let cordon = pos(&|w| w.resource == "nodes" && w.object["spec"]["unschedulable"] == true);
     let uncordon = cordon
@@ -120,9 +175,10 @@ fn a_member_applies_under_the_lease_and_leaves_the_cluster_as_it_found_it() {
         took < cordon && cordon < uncordon && uncordon < released,
         "{took} {cordon} {uncordon} {released}"
     );
-    let reasons: Vec<&str> = w
+    let mut events: Vec<&Write> = w.iter().filter(|w| w.resource == "events").collect();
+    events.sort_by_key(|w| w.at);
+    let reasons: Vec<&str> = events
         .iter()
-        .filter(|w| w.resource == "events")
         .filter_map(|w| w.object["reason"].as_str())
         .collect();
     assert_eq!(reasons, ["Draining", "Switching", "Ready"]);
@@ -168,7 +224,7 @@ fn a_live_holder_keeps_the_lease_and_the_node_waits_without_building_again() {
     // The holder releases: the next pass goes on from the build.
     let mut l = lease(&api);
     l["spec"]["holderIdentity"] = Value::Null;
-    api.set("leases", "kube-system", "nk3-rollout", l);
+    set_lease(&api, l);
     node.pass_ok();
     assert_eq!(node.state()["applied"], head.as_str());
     let builds = node
@@ -181,13 +237,11 @@ fn a_live_holder_keeps_the_lease_and_the_node_waits_without_building_again() {
 
 /// Puts the rollout Lease in the hands of `holder`, renewed just now, for `seconds` (as a
 /// live holder — or one about to die — leaves it).
-fn hold_lease(api: &ApiServer, holder: &str, seconds: u64) {
-    api.set(
-        "leases",
-        "kube-system",
-        "nk3-rollout",
+fn hold_lease(api: &ControlPlane, holder: &str, seconds: u64) {
+    set_lease(
+        api,
         json!({
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {},
+            "metadata": {},
             "spec": { "holderIdentity": holder, "leaseDurationSeconds": seconds,
                       "renewTime": now_micro(), "acquireTime": now_micro(), "leaseTransitions": 0 },
         }),
@@ -204,7 +258,7 @@ fn a_notready_node_keeps_the_others_from_disrupting_themselves() {
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));
     let node = member(&repo, &api, "172.30.190.3", HOST3);
-    api.set_ready(HOST5, false);
+    machine_down(&api, HOST5);
     repo.commit(
         "inventory.yaml",
         &dns(&inventory(""), "9.9.9.9"),
@@ -223,7 +277,8 @@ fn a_notready_node_keeps_the_others_from_disrupting_themselves() {
         .calls("nixos-rebuild")
         .iter()
         .all(|c| c.starts_with("build")));
-    api.set_ready(HOST5, true);
+    api.start_kubelet(HOST5);
+    assert!(api.wait_ready(HOST5, "True", Duration::from_secs(30)));
     node.pass_ok();
 }
 
@@ -333,8 +388,7 @@ fn when_even_the_rollback_is_unhealthy_the_node_keeps_the_lease() {
         renewed,
         "renewed while frozen"
     );
-    let reasons: Vec<String> = api
-        .writes()
+    let reasons: Vec<String> = agent_writes(&api)
         .iter()
         .filter(|w| w.resource == "events")
         .filter_map(|w| w.object["reason"].as_str().map(str::to_string))
@@ -346,19 +400,17 @@ fn when_even_the_rollback_is_unhealthy_the_node_keeps_the_lease() {
 }
 
 #[test]
-fn a_pdb_that_blocks_the_drain_times_out_uncordons_and_releases() {
+fn unsatisfiable_pdbs_churn_forever_the_node_is_not_even_cordoned_and_the_commit_backs_off() {
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));
     let node = member(&repo, &api, "172.30.190.3", HOST3);
-    api.add_pod(
-        "default",
-        "db-0",
-        HOST3,
-        json!({"app": "db"}),
-        Some("StatefulSet"),
-        0,
-    );
+    // One replica and a budget that wants one: no eviction will ever be allowed.
+    api.add_pod("default", "db-0", HOST3, json!({"app": "db"}), 0);
     api.add_pdb("default", "db", json!({"app": "db"}), 1);
+    assert!(api.wait_for(Duration::from_secs(30), |api| {
+        api.get_object("poddisruptionbudgets", "default", "db")
+            .is_some_and(|b| b["status"]["currentHealthy"] == 1)
+    }));
     repo.commit(
         "inventory.yaml",
         &dns(&inventory(""), "9.9.9.9"),
@@ -366,7 +418,63 @@ fn a_pdb_that_blocks_the_drain_times_out_uncordons_and_releases() {
     );
     let o = node.run_once();
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("drain timed out"), "{}", stderr(&o));
+    let log = stderr(&o);
+    assert!(
+        log.contains("PodDisruptionBudget default/db allows no eviction of default/db-0"),
+        "{log}"
+    );
+    assert!(log.contains("change the budget or the workload"), "{log}");
+    let status = stdout(&run(&mut node.agent(&["status"])));
+    assert!(
+        status.contains("PodDisruptionBudget default/db"),
+        "{status}"
+    );
+    // Nothing was disrupted, nothing taken: no cordon, no lease.
+    let w = agent_writes(&api);
+    assert!(
+        !w.iter()
+            .any(|w| w.resource == "nodes" && w.object["spec"]["unschedulable"] == true),
+        "cordoned"
+    );
+    assert!(!w.iter().any(|w| w.resource == "leases"), "took the lease");
+    assert!(w
+        .iter()
+        .any(|w| w.resource == "events" && w.object["reason"] == "DrainBlocked"));
+    // The next pass does not start over: it waits out the back-off.
+    let before = api.requests().len();
+    let o = node.run_once();
+    assert!(stderr(&o).contains("looking again in"), "{}", stderr(&o));
+    let asked = api.requests()[before..]
+        .iter()
+        .filter(|w| w.user_agent.starts_with("nk3-agent") && w.resource == "poddisruptionbudgets")
+        .count();
+    assert_eq!(asked, 0, "backed off");
+    assert_eq!(node.state()["drain_blocked"]["tries"], 1);
+}
+
+#[test]
+fn a_drain_that_times_out_uncordons_and_releases() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    // A pod that takes half a minute to stop, longer than drain_timeout (2 s).
+    api.add_pod("default", "slow", HOST3, json!({"app": "slow"}), 30);
+    assert!(api.wait_for(Duration::from_secs(30), |api| {
+        api.get_object("pods", "default", "slow")
+            .is_some_and(|p| p["status"]["phase"] == "Running")
+    }));
+    repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    );
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("drain timed out waiting for default/slow to terminate"),
+        "{}",
+        stderr(&o)
+    );
     assert!(
         api.node(HOST3).unwrap()["spec"]["unschedulable"].is_null(),
         "uncordoned"
@@ -385,9 +493,11 @@ fn a_node_an_operator_cordoned_stays_cordoned() {
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));
     let node = member(&repo, &api, "172.30.190.3", HOST3);
-    let mut n = api.node(HOST3).unwrap();
-    n["spec"]["unschedulable"] = json!(true);
-    api.set("nodes", "", HOST3, n);
+    api.patch(
+        &format!("/api/v1/nodes/{HOST3}"),
+        &json!({ "spec": { "unschedulable": true } }),
+    )
+    .unwrap();
     repo.commit(
         "inventory.yaml",
         &dns(&inventory(""), "9.9.9.9"),
@@ -453,7 +563,7 @@ fn three_daemons_roll_one_node_at_a_time() {
     // From the API's write log: at no moment were two nodes cordoned by nk3.
     let mut cordoned = std::collections::BTreeSet::new();
     let mut most = 0;
-    for w in api.writes().iter().filter(|w| w.resource == "nodes") {
+    for w in agent_writes(&api).iter().filter(|w| w.resource == "nodes") {
         if w.object["metadata"]["annotations"]["nk3.io/cordoned"] == "true" {
             cordoned.insert(w.name.clone());
         } else {
@@ -500,7 +610,7 @@ fn status_cluster_shows_every_node_the_lease_and_a_halt() {
 }
 
 /// The end of a rollout on one node, as the API and the node show it.
-fn settled(api: &ApiServer, node: &Node) -> (Value, Value, Option<String>, Value) {
+fn settled(api: &ControlPlane, node: &Node) -> (Value, Value, Option<String>, Value) {
     let n = api.node(HOST3).unwrap();
     (
         node.state()["applied"].clone(),
@@ -522,8 +632,9 @@ fn killed_under_the_lease(point: &str, policy: &str, reboots: usize) {
     let killed = (0..3).any(|_| node.run_once().status.signal() == Some(9));
     assert!(killed, "{point}: never killed");
     node.env.clear();
+    let mut logs = String::new();
     for _ in 0..4 {
-        let _ = node.run_once();
+        logs.push_str(&stderr(&node.run_once()));
         if node.state()["phase"]["name"] == "idle" && node.state()["applied"] == head.as_str() {
             break;
         }
@@ -531,7 +642,7 @@ fn killed_under_the_lease(point: &str, policy: &str, reboots: usize) {
     assert_eq!(
         settled(&api, &node),
         (json!(head), json!("idle"), None, Value::Null),
-        "{point}"
+        "{point}:\n{logs}"
     );
     let real_reboots = node
         .calls("systemctl")
@@ -566,7 +677,7 @@ fn a_dead_holder_loses_the_lease_at_expiry_and_then_the_gate_waits_for_it() {
     node.env.push(("NK3_POLL_INTERVAL".into(), "1s".into()));
     // Node .4 took the lease and died: its claim runs out in 3 s, and it is NotReady.
     hold_lease(&api, HOST4, 3);
-    api.set_ready(HOST4, false);
+    api.stop_kubelet(HOST4);
     repo.commit(
         "inventory.yaml",
         &dns(&inventory(""), "9.9.9.9"),
@@ -579,7 +690,12 @@ fn a_dead_holder_loses_the_lease_at_expiry_and_then_the_gate_waits_for_it() {
     );
     std::thread::sleep(Duration::from_secs(3));
     let log = stderr(&node.run_once());
-    assert!(log.contains(&format!("node {HOST4} is NotReady")), "{log}");
+    // Its Node may still say Ready (the controller's grace period): its heartbeat does not.
+    assert!(
+        log.contains(&format!("node {HOST4} is NotReady"))
+            || log.contains(&format!("node {HOST4} has not renewed its heartbeat")),
+        "{log}"
+    );
     assert_eq!(
         lease(&api)["spec"]["leaseTransitions"],
         1,
@@ -722,8 +838,7 @@ fn every_lease_the_agents_write_has_the_shape_the_kubernetes_api_defines() {
         "resolver",
     );
     node.pass_ok();
-    let leases: Vec<Value> = api
-        .writes()
+    let leases: Vec<Value> = agent_writes(&api)
         .into_iter()
         .filter(|w| w.resource == "leases")
         .map(|w| w.object)
@@ -803,7 +918,7 @@ fn no_secret_reaches_a_log_line_or_status() {
     for secret in ["2f909ce8-cae1-439a-86b3-da87b7ee9f55", key, &key[..40]] {
         assert!(!seen.contains(secret), "a secret leaked");
     }
-    for w in api.writes() {
+    for w in api.requests() {
         assert!(
             !w.object.to_string().contains("2f909ce8-cae1-439a"),
             "the join token reached the API"
@@ -837,7 +952,7 @@ fn a_node_waiting_while_the_holder_halts_the_commit_does_not_apply_it() {
         "nk3.io/halted-commit": head, "nk3.io/halted-reason": "k3s never started",
         "nk3.io/halted-node": HOST4,
     });
-    api.set("leases", "kube-system", "nk3-rollout", l);
+    set_lease(&api, l);
     let (node, o) = waiting.join().unwrap();
     let log = stderr(&o);
     assert!(log.contains("is halted for the cluster"), "{log}");

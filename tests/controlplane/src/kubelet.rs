@@ -28,6 +28,10 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// `nodeStatusReportFrequency`, 5 minutes by default): the Ready condition's heartbeat time
 /// is not a liveness signal, the Lease is.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
+/// How often the kubelet compares the Node's status in the API with its own and posts it
+/// again when they differ (a kubelet's `nodeStatusUpdateFrequency`, 10 s by default): after
+/// the controller marked the Node Unknown, say.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a starting kubelet says NotReady before Ready.
 const STARTING: Duration = Duration::from_millis(300);
 
@@ -35,6 +39,7 @@ const STARTING: Duration = Duration::from_millis(300);
 struct Flags {
     running: AtomicBool,
     quit: AtomicBool,
+    boot_id_file: std::sync::Mutex<Option<PathBuf>>,
 }
 
 /// One node's kubelet.
@@ -106,12 +111,18 @@ impl Kubelet {
         };
         let flags = Arc::new(Flags::default());
         flags.running.store(true, Ordering::SeqCst);
+        *flags.boot_id_file.lock().expect("lock") = boot_id_file;
         let f = flags.clone();
-        let handle = std::thread::spawn(move || run(&client, &f, boot_id_file));
+        let handle = std::thread::spawn(move || run(&client, &f));
         Kubelet {
             flags,
             handle: Some(handle),
         }
+    }
+
+    /// Reads the boot id from `file` from now on (the machine's, once the test made it).
+    pub fn set_boot_id_file(&self, file: Option<PathBuf>) {
+        *self.flags.boot_id_file.lock().expect("lock") = file;
     }
 
     /// The machine is down: no heartbeat, no pods handled.
@@ -138,6 +149,7 @@ struct Life {
     ready_posted: bool,
     ready_since: SystemTime,
     last_status: Instant,
+    last_check: Instant,
     last_lease: Option<Instant>,
     last_pods: Instant,
     running_pods: BTreeSet<String>,
@@ -151,7 +163,7 @@ fn boot_id(file: &Option<PathBuf>, name: &str) -> String {
         .unwrap_or_else(|| format!("boot-of-{name}"))
 }
 
-fn run(c: &Client, flags: &Flags, boot_id_file: Option<PathBuf>) {
+fn run(c: &Client, flags: &Flags) {
     let mut life: Option<Life> = None;
     while !flags.quit.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
@@ -159,7 +171,8 @@ fn run(c: &Client, flags: &Flags, boot_id_file: Option<PathBuf>) {
             life = None;
             continue;
         }
-        let id = boot_id(&boot_id_file, &c.name);
+        let file = flags.boot_id_file.lock().expect("lock").clone();
+        let id = boot_id(&file, &c.name);
         if life.as_ref().is_none_or(|l| l.boot_id != id) {
             // A (re)start: the machine booted, or k3s was started again.
             register(c);
@@ -170,6 +183,7 @@ fn run(c: &Client, flags: &Flags, boot_id_file: Option<PathBuf>) {
                 ready_posted: false,
                 ready_since: SystemTime::now(),
                 last_status: Instant::now(),
+                last_check: Instant::now(),
                 last_lease: None,
                 last_pods: Instant::now(),
                 running_pods: BTreeSet::new(),
@@ -183,6 +197,23 @@ fn run(c: &Client, flags: &Flags, boot_id_file: Option<PathBuf>) {
         } else if l.ready_posted && l.last_status.elapsed() >= REPORT_EVERY {
             post_status(c, &l.boot_id, true, l.ready_since);
             l.last_status = Instant::now();
+        } else if l.ready_posted && l.last_check.elapsed() >= CHECK_EVERY {
+            l.last_check = Instant::now();
+            let differs = c
+                .get(&format!("/api/v1/nodes/{}", c.name))
+                .is_some_and(|n| {
+                    let ready = n["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                    !ready || n["status"]["nodeInfo"]["bootID"] != l.boot_id.as_str()
+                });
+            if differs {
+                l.ready_since = SystemTime::now();
+                post_status(c, &l.boot_id, true, l.ready_since);
+                l.last_status = Instant::now();
+            }
         }
         if l.last_lease.is_none_or(|t| t.elapsed() >= RENEW_EVERY) {
             renew_lease(c);

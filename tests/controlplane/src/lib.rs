@@ -175,7 +175,7 @@ rules:
   - group: coordination.k8s.io
     resources: [leases]
   - group: ''
-    resources: [nodes, nodes/status, pods, pods/status, pods/eviction]
+    resources: [nodes, nodes/status, pods, pods/status, pods/eviction, events]
 - level: Metadata
 ";
 
@@ -625,6 +625,14 @@ impl ControlPlane {
             self.wait_ready(node, "True", Duration::from_secs(30)),
             "node {node} did not get Ready"
         );
+    }
+
+    /// The kubelet of `node` reports the boot id in `file` from now on (a machine's
+    /// `boot_id`, which a reboot changes: the kubelet then starts anew).
+    pub fn set_boot_id_file(&self, node: &str, file: &Path) {
+        if let Some(k) = self.kubelets.lock().expect("lock").get(node) {
+            k.set_boot_id_file(Some(file.to_path_buf()));
+        }
     }
 
     /// A Node whose kubelet heartbeats (`ready`), or that is registered and silent.
