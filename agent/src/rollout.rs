@@ -143,10 +143,10 @@ impl Agent {
                         return self.finish(
                             Outcome::Waiting,
                             Some(&t.commit),
-                            format!("waiting for the rollout lease, held by {holder}"),
+                            format!("{WAITING_FOR_LEASE}, held by {holder}"),
                         );
                     }
-                    let msg = format!("waiting for the rollout lease, held by {holder}");
+                    let msg = format!("{WAITING_FOR_LEASE}, held by {holder}");
                     let again = self.state.last.as_ref().is_some_and(|l| l.message == msg);
                     if !said && !again {
                         info!(host = %t.host, commit = %c, "{msg}");
@@ -555,6 +555,16 @@ fn held_for(hold: &Hold) -> Option<u64> {
         .ok()
         .map(|d| d.as_secs())
 }
+
+/// Whether the last pass ended waiting for the rollout lease (held by another node), as
+/// opposed to stopped by the gate or a budget.
+pub(crate) fn waits_for_lease(st: &state::State) -> bool {
+    st.last
+        .as_ref()
+        .is_some_and(|l| l.message.starts_with(WAITING_FOR_LEASE))
+}
+
+const WAITING_FOR_LEASE: &str = "waiting for the rollout lease";
 
 /// Whether a frozen node should stay frozen for `head`.
 pub(crate) fn still_frozen(phase: &Phase, head: &str) -> Option<String> {

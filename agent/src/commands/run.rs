@@ -198,7 +198,10 @@ async fn daemon(
             .unwrap_or_else(|| "nk3-agent".into());
         // A node waiting for its turn also wakes when the lease is released, so the next
         // node starts within moments of the last one finishing.
-        let waiting = outcome == Some(Outcome::Waiting);
+        // Only a node waiting for the lease itself: one the gate stopped waits for its
+        // next poll, or waiting nodes would hand the lease back and forth at once.
+        let waiting =
+            outcome == Some(Outcome::Waiting) && crate::rollout::waits_for_lease(&agent.state);
         let nudge = tokio::task::spawn_blocking(move || {
             match crate::cluster::Cluster::connect(&kubeconfig, &host) {
                 Ok(Some(c)) => c.wait_for_nudge(wait, waiting).ok().flatten(),

@@ -135,6 +135,19 @@ pub fn binaries() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
+/// The folder of the built binaries, if they are built (nothing is built here).
+pub fn built() -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build.sh");
+    let out = Command::new(&script)
+        .arg("--path")
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
 /// The versions the binaries are built at, as `go.mod` pins them.
 pub fn versions() -> String {
     let gomod = include_str!("../go.mod");

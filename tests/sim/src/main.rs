@@ -1,12 +1,14 @@
 //! nk3-sim: a k3s cluster of NixOS nodes, simulated, each node running the real `nk3-agent`.
 //!
 //! Everything but the machines is real: the agent binary, a git repository, the k3s API
-//! (the API test server of `tests/apiserver`, over HTTPS with client certificates). The
-//! machines are simulated by the stand-ins in `tests/bin` (nixos-rebuild, systemctl,
-//! kubectl) and by this program, which plays systemd and the hardware: when an agent asks for
-//! a reboot it stops the agent, marks the Node NotReady, waits the reboot time, boots the
-//! profile's generation with a new boot id, marks the Node Ready again (unless the generation
-//! is broken) and starts the agent again.
+//! (the real control plane of `tests/controlplane` — kube-apiserver, kube-controller-manager,
+//! kube-scheduler, etcd — when it is built; else the API test server of `tests/apiserver`,
+//! and the simulator says which). The machines are simulated by the stand-ins in `tests/bin`
+//! (nixos-rebuild, systemctl, kubectl) and by this program, which plays systemd and the
+//! hardware: when an agent asks for a reboot it stops the agent and the machine's kubelet
+//! (the real node-lifecycle controller then marks the Node NotReady), waits the reboot
+//! time, boots the profile's generation with a new boot id, starts the kubelet again
+//! (unless the generation is broken: its k3s never comes up) and starts the agent again.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::io::BufRead as _;
@@ -17,7 +19,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use nk3_apiserver::ApiServer;
+mod api;
+
+use api::Api;
 
 /// Simulate a rolling update on a k3s cluster managed by nk3.
 #[derive(Debug, Parser)]
@@ -66,6 +70,20 @@ struct Args {
     /// Print every agent log line, not only the rollout's milestones.
     #[arg(long)]
     verbose: bool,
+    /// Right after the push, announce it with `nk3-agent nudge --commit HEAD`, as the
+    /// repository's CI would: every agent fetches at once instead of at its next poll.
+    #[arg(long)]
+    nudge: bool,
+    /// Instead of a rollout: leave the cluster idle this long, then report each idle
+    /// agent's API requests and CPU per minute (the idle benchmark).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    idle: Option<Duration>,
+    /// Build the real control plane first if it is not built (about 6 minutes, once).
+    #[arg(long)]
+    build_control_plane: bool,
+    /// Refuse to run on the stand-in API server (tests and the soak use this).
+    #[arg(long)]
+    real_api: bool,
 }
 
 /// The workspace root (where tests/bin and the agent binary are).
@@ -321,8 +339,12 @@ fn simulate() -> anyhow::Result<bool> {
     }
     let dir = tempfile::tempdir()?;
     let base = dir.path();
-    println!("nk3-sim: {} simulated NixOS nodes running the real nk3-agent, a git repository, and the k3s API test server", args.nodes);
-    let api = ApiServer::start();
+    let api = Api::start(args.build_control_plane, args.real_api)?;
+    println!(
+        "nk3-sim: {} simulated NixOS nodes running the real nk3-agent, a git repository, and {}",
+        args.nodes,
+        api.describe()
+    );
 
     // The repository, with the original tool's inventory (grown to --nodes).
     git(base, &["init", "-q", "--bare", "-b", "main", "infra.git"])?;
@@ -383,7 +405,7 @@ fn simulate() -> anyhow::Result<bool> {
         let k = m.root.join("etc/rancher/k3s/k3s.yaml");
         std::fs::create_dir_all(k.parent().expect("parent"))?;
         std::fs::write(&k, api.kubeconfig(&m.host))?;
-        api.add_node(&m.host, true);
+        api.add_node(&m.host, &m.root.join("boot_id"));
         machines.push(m);
     }
     println!(
@@ -409,7 +431,6 @@ fn simulate() -> anyhow::Result<bool> {
                 &format!("web-{}", m.label),
                 &m.host,
                 serde_json::json!({"app": "web"}),
-                Some("ReplicaSet"),
                 2,
             );
         }
@@ -458,6 +479,9 @@ fn simulate() -> anyhow::Result<bool> {
         )?;
         extra.push_str("  template: broken.nix.hbs\n");
     }
+    if let Some(idle) = args.idle {
+        return idle_report(&api, &mut machines, idle);
+    }
     let mut head = push(
         &work,
         &inventory_with(
@@ -471,6 +495,17 @@ fn simulate() -> anyhow::Result<bool> {
         what,
     )?;
     let rollout_start = Instant::now();
+    if args.nudge {
+        let o = machines[0]
+            .command(&repo, &["nudge", "--commit", &head])
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "nk3-agent nudge failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
     println!(
         "{:>6.1}s  git push {}: {}",
         started.elapsed().as_secs_f64(),
@@ -493,7 +528,7 @@ fn simulate() -> anyhow::Result<bool> {
     let mut converged = true;
     let mut kill_pending = args.kill_in.clone();
     let api_back = args.api_down.map(|d| {
-        api.set_unreachable(true);
+        api.set_down(true);
         println!(
             "{:>6.1}s  the k3s API is down for {}",
             started.elapsed().as_secs_f64(),
@@ -540,7 +575,7 @@ fn simulate() -> anyhow::Result<bool> {
             );
         }
         if api_is_down && api_back.is_some_and(|t| Instant::now() >= t) {
-            api.set_unreachable(false);
+            api.set_down(false);
             api_is_down = false;
             println!(
                 "{:>6.1}s  the k3s API is back",
@@ -557,7 +592,7 @@ fn simulate() -> anyhow::Result<bool> {
                     let _ = c.kill();
                     let _ = c.wait();
                 }
-                api.set_ready(&m.host, false);
+                api.machine_up(&m.host, false);
                 println!(
                     "{:>6.1}s  {:<7} died for good while {phase} (holding the lease)",
                     started.elapsed().as_secs_f64(),
@@ -573,7 +608,7 @@ fn simulate() -> anyhow::Result<bool> {
             if when.elapsed() > Duration::from_secs(14) {
                 // The operator deletes its Node object (kubectl delete node) and takes it out of
                 // the inventory.
-                api.delete("nodes", "", &machines[i].host);
+                api.delete_node(&machines[i].host);
                 head = push(
                     &work,
                     &inventory_with(
@@ -634,7 +669,7 @@ fn simulate() -> anyhow::Result<bool> {
                     }
                 }
                 if m.root.join("reboot-requested").exists() {
-                    api.set_ready(&m.host, false);
+                    api.machine_up(&m.host, false);
                     reboots
                         .lock()
                         .expect("lock")
@@ -665,7 +700,7 @@ fn simulate() -> anyhow::Result<bool> {
             let m = &mut machines[i];
             let _ = std::fs::remove_file(m.root.join("reboot-requested"));
             let healthy = m.boot()?;
-            api.set_ready(&m.host, healthy);
+            api.machine_up(&m.host, healthy);
             println!(
                 "{:>6.1}s  {:<7} booted{}",
                 started.elapsed().as_secs_f64(),
@@ -796,11 +831,68 @@ fn simulate() -> anyhow::Result<bool> {
     Ok(converged && most <= args.max_unavailable as usize)
 }
 
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// The idle benchmark: every agent runs, nothing changes, the kubelets heartbeat; what
+/// does an idle agent cost the API and the machine?
+fn idle_report(api: &Api, machines: &mut [Machine], idle: Duration) -> anyhow::Result<bool> {
+    // Let the first passes end and the agents settle into their wait.
+    std::thread::sleep(Duration::from_secs(10));
+    let pids: Vec<u32> = machines
+        .iter()
+        .filter_map(|m| m.agent.as_ref().map(Child::id))
+        .collect();
+    let cpu0: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
+    let from = api.requests_by_agents();
+    println!(
+        "idle for {} with {} agents (poll interval 2s)…",
+        humantime::format_duration(idle),
+        pids.len()
+    );
+    std::thread::sleep(idle);
+    let made = api.requests_by_agents().saturating_sub(from);
+    let cpu: Duration = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c0)| cpu_time(*p).saturating_sub(*c0))
+        .sum();
+    let minutes = idle.as_secs_f64() / 60.0;
+    let per_agent = pids.len().max(1) as f64;
+    println!(
+        "per idle agent: {:.1} API requests a minute, {:.3} s of CPU a minute ({:.3} % of a core)",
+        made as f64 / minutes / per_agent,
+        cpu.as_secs_f64() / minutes / per_agent,
+        cpu.as_secs_f64() / idle.as_secs_f64() / per_agent * 100.0
+    );
+    for m in machines.iter_mut() {
+        if let Some(mut c) = m.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    Ok(true)
+}
+
 /// How long `host` held a rollout lease, from the API's write log.
-fn lease_time(writes: &[nk3_apiserver::Write], host: &str) -> Duration {
+fn lease_time(writes: &[api::Write], host: &str) -> Duration {
     let mut total = Duration::ZERO;
     let mut since = None;
-    for w in writes.iter().filter(|w| w.resource == "leases") {
+    // The rollout's leases only (kube-node-lease holds the kubelets' heartbeats).
+    for w in writes
+        .iter()
+        .filter(|w| w.resource == "leases" && w.namespace == "kube-system")
+    {
         let holder = w.object["spec"]["holderIdentity"].as_str();
         match (holder == Some(host), since) {
             (true, None) => since = Some(w.at),
@@ -815,10 +907,33 @@ fn lease_time(writes: &[nk3_apiserver::Write], host: &str) -> Duration {
 }
 
 /// The most nodes cordoned by nk3 at any moment, from the API's write log.
-fn max_cordoned(writes: &[nk3_apiserver::Write]) -> usize {
+fn max_cordoned(writes: &[api::Write]) -> usize {
     let mut cordoned = std::collections::BTreeSet::new();
     let mut most = 0;
-    for w in writes.iter().filter(|w| w.resource == "nodes") {
+    // In the order etcd committed them (resourceVersion), a write's object being the
+    // node as it was then.
+    // A write without one (a delete answered with a Status) keeps its place in time.
+    let mut nodes: Vec<&api::Write> = writes.iter().filter(|w| w.resource == "nodes").collect();
+    nodes.sort_by_key(|w| w.at);
+    let mut last = 0;
+    let mut keyed: Vec<(u64, &api::Write)> = nodes
+        .into_iter()
+        .map(|w| {
+            if let Some(rv) = w.object["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                last = last.max(rv);
+            }
+            let rv = w.object["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(last);
+            (rv, w)
+        })
+        .collect();
+    keyed.sort_by_key(|(rv, _)| *rv);
+    for (_, w) in keyed {
         if w.verb != "delete" && w.object["metadata"]["annotations"]["nk3.io/cordoned"] == "true" {
             cordoned.insert(w.name.clone());
         } else {

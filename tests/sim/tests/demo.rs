@@ -4,7 +4,7 @@ use std::process::Command;
 
 fn sim(args: &[&str]) -> (bool, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_nk3-sim"))
-        .args(["--reboot-time", "500ms"])
+        .args(["--reboot-time", "500ms", "--real-api"])
         .args(args)
         .output()
         .unwrap();
