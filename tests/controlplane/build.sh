@@ -7,6 +7,8 @@
 #   tests/controlplane/build.sh          build when missing, print the folder
 #   tests/controlplane/build.sh --path   print the folder only (exit 1 when not built)
 set -euo pipefail
+# Go as the machines install it, when the PATH lacks it.
+command -v go >/dev/null 2>&1 || [ ! -x /usr/local/go/bin/go ] || PATH="$PATH:/usr/local/go/bin"
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
 
