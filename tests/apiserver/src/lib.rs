@@ -12,7 +12,6 @@
 //! tests can check the rollout's safety invariants from the log.
 
 mod objects;
-pub mod tls;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -26,6 +25,10 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
+
+// The certificates and kubeconfigs of the real control plane's harness, so both servers
+// hand out credentials in the shape k3s writes (SEC1 keys included).
+use nk3_controlplane::{certs as tls, kubeconfig};
 
 pub use objects::status;
 
@@ -161,16 +164,7 @@ impl ApiServer {
 
     /// A kubeconfig as k3s writes it, with a client certificate for `user`.
     pub fn kubeconfig(&self, user: &str) -> String {
-        let client = self.ca.client(user);
-        kubeconfig(
-            &self.url,
-            &self.ca.pem(),
-            &format!(
-                "    client-certificate-data: {}\n    client-key-data: {}\n",
-                b64(&client.cert_pem),
-                b64(&client.key_pem)
-            ),
-        )
+        kubeconfig::with_certificate(&self.url, &self.ca.pem(), &self.ca.client(user, &[]))
     }
 
     /// A kubeconfig with a bearer token for `user` (agent-role nodes).
@@ -181,22 +175,13 @@ impl ApiServer {
             .unwrap()
             .tokens
             .insert(token.clone(), user.to_string());
-        kubeconfig(&self.url, &self.ca.pem(), &format!("    token: {token}\n"))
+        kubeconfig::with_token(&self.url, &self.ca.pem(), &token)
     }
 
     /// A kubeconfig whose CA is not the one that signed the server's certificate.
     pub fn kubeconfig_with_wrong_ca(&self, user: &str) -> String {
         let other = tls::Authority::new("someone-else");
-        let client = self.ca.client(user);
-        kubeconfig(
-            &self.url,
-            &other.pem(),
-            &format!(
-                "    client-certificate-data: {}\n    client-key-data: {}\n",
-                b64(&client.cert_pem),
-                b64(&client.key_pem)
-            ),
-        )
+        kubeconfig::with_certificate(&self.url, &other.pem(), &self.ca.client(user, &[]))
     }
 
     fn put(&self, resource: &str, ns: &str, name: &str, mut object: Value) {
@@ -335,35 +320,6 @@ impl ApiServer {
     pub fn set_unreachable(&self, down: bool) {
         self.world.lock().unwrap().unreachable = down;
     }
-}
-
-fn b64(s: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-fn kubeconfig(url: &str, ca_pem: &str, user: &str) -> String {
-    format!(
-        "apiVersion: v1
-clusters:
-- cluster:
-    certificate-authority-data: {}
-    server: {url}
-  name: default
-contexts:
-- context:
-    cluster: default
-    user: default
-  name: default
-current-context: default
-kind: Config
-preferences: {{}}
-users:
-- name: default
-  user:
-{user}",
-        b64(ca_pem)
-    )
 }
 
 fn respond(code: StatusCode, body: Value) -> Response<Body> {

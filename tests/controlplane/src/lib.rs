@@ -16,6 +16,7 @@
 #![allow(clippy::print_stderr)] // a harness says what it starts and why it failed
 
 pub mod certs;
+pub mod kubeconfig;
 pub mod kubelet;
 
 use std::collections::BTreeMap;
@@ -26,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
-use base64::Engine as _;
 use serde_json::{json, Value};
 
 use certs::{Authority, Pair};
@@ -174,10 +174,6 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: [RequestReceived]
@@ -252,11 +248,11 @@ impl ControlPlane {
         let d = cp.dir.path().to_path_buf();
         std::fs::write(
             d.join("kcm.kubeconfig"),
-            kubeconfig_text(&url, &cp.ca.pem(), &kcm),
+            kubeconfig::with_certificate(&url, &cp.ca.pem(), &kcm),
         )?;
         std::fs::write(
             d.join("scheduler.kubeconfig"),
-            kubeconfig_text(&url, &cp.ca.pem(), &scheduler),
+            kubeconfig::with_certificate(&url, &cp.ca.pem(), &scheduler),
         )?;
         let etcd = cp.spawn(
             "etcd",
@@ -453,7 +449,7 @@ impl ControlPlane {
     /// The admin kubeconfig, in the shape k3s writes `/etc/rancher/k3s/k3s.yaml` on a
     /// server (`system:admin` in `system:masters`, inline certificate and SEC1 key).
     pub fn admin_kubeconfig(&self) -> String {
-        kubeconfig_text(&self.url(), &self.ca.pem(), &self.admin)
+        kubeconfig::with_certificate(&self.url(), &self.ca.pem(), &self.admin)
     }
 
     /// What a server node's agent reads: k3s.yaml (the name is the node's, for the callers
@@ -464,7 +460,7 @@ impl ControlPlane {
 
     /// A kubeconfig for a client certificate of user `cn` in `groups`.
     pub fn kubeconfig_for(&self, cn: &str, groups: &[&str]) -> String {
-        kubeconfig_text(&self.url(), &self.ca.pem(), &self.ca.client(cn, groups))
+        kubeconfig::with_certificate(&self.url(), &self.ca.pem(), &self.ca.client(cn, groups))
     }
 
     /// The kubelet's own credential: `system:node:<name>` in `system:nodes`.
@@ -474,11 +470,7 @@ impl ControlPlane {
 
     /// A kubeconfig with a bearer token.
     pub fn token_kubeconfig(&self, token: &str) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: default\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: default\n  user:\n    token: {token}\ncontexts:\n- name: default\n  context:\n    cluster: default\n    user: default\ncurrent-context: default\n",
-            self.url(),
-            b64(&self.ca.pem())
-        )
+        kubeconfig::with_token(&self.url(), &self.ca.pem(), token)
     }
 
     /// A client for user `cn` in `groups` (a client certificate from the cluster CA).
@@ -875,35 +867,6 @@ fn pod_spec(node: Option<&str>, grace: u64) -> Value {
         spec["nodeName"] = json!(n);
     }
     spec
-}
-
-/// A kubeconfig in the shape k3s writes.
-fn kubeconfig_text(server: &str, ca: &str, p: &Pair) -> String {
-    format!(
-        "apiVersion: v1
-clusters:
-- cluster:
-    certificate-authority-data: {}
-    server: {server}
-  name: default
-contexts:
-- context:
-    cluster: default
-    user: default
-  name: default
-current-context: default
-kind: Config
-preferences: {{}}
-users:
-- name: default
-  user:
-    client-certificate-data: {}
-    client-key-data: {}
-",
-        b64(ca),
-        b64(&p.cert_pem),
-        b64(&p.key_pem)
-    )
 }
 
 impl Drop for ControlPlane {
