@@ -822,10 +822,10 @@ impl Cluster {
         if !self.kube.ready() {
             return Err("the API is not ready (/readyz)".into());
         }
-        let me = self
-            .kube
-            .node(&self.me)
-            .map_err(|e| e.to_string())?
+        let nodes = self.kube.nodes().map_err(|e| e.to_string())?;
+        let me = nodes
+            .iter()
+            .find(|n| name_of(n) == self.me)
             .ok_or_else(|| format!("node {} is not registered", self.me))?;
         let boot_id = me
             .status
@@ -839,7 +839,7 @@ impl Cluster {
                 self.me, boot_id, fresh.boot_id
             ));
         }
-        if !is_ready(&me) {
+        if !is_ready(me) {
             return Err(format!("node {} is not Ready", self.me));
         }
         let heartbeats = self.heartbeats().map_err(|e| e.to_string())?;
@@ -852,13 +852,15 @@ impl Cluster {
                 ))
             }
         }
-        let now_ready = self.ready_nodes().map_err(|e| e.to_string())?;
         let now = SystemTime::now();
         for n in ready_before.iter().filter(|n| **n != self.me) {
+            let ready = nodes
+                .iter()
+                .any(|node| name_of(node) == *n && is_ready(node));
             let alive = heartbeats
                 .get(n)
                 .is_some_and(|(r, d)| lease::stale_heartbeat(*r, *d, now).is_none());
-            if !now_ready.contains(n) || !alive {
+            if !ready || !alive {
                 return Err(format!("node {n} was Ready before and is not now"));
             }
         }

@@ -33,6 +33,15 @@ fn inventory(extra_cluster: &str) -> String {
     )
 }
 
+/// Pushes the change most tests roll out: a new resolver for every node. The new head.
+fn push_resolver(repo: &Repo) -> String {
+    repo.commit(
+        "inventory.yaml",
+        &dns(&inventory(""), "9.9.9.9"),
+        "resolver",
+    )
+}
+
 fn dns(inv: &str, server: &str) -> String {
     inv.replace(
         "default_gateway: 172.30.190.1\n",
@@ -99,20 +108,12 @@ fn machine_down(api: &ControlPlane, host: &str) {
     assert!(api.wait_ready(host, "Unknown", Duration::from_secs(30)));
 }
 
-/// Writes by the agents to the rollout's objects, in the order etcd committed them.
+/// Writes by the agents, in the order etcd committed them.
 fn agent_writes(api: &ControlPlane) -> Vec<Write> {
-    let mut w: Vec<Write> = api
-        .writes()
+    api.writes()
         .into_iter()
         .filter(|w| w.user_agent.starts_with("nk3-agent"))
-        .collect();
-    w.sort_by_key(|w| {
-        w.object["metadata"]["resourceVersion"]
-            .as_str()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(u64::MAX)
-    });
-    w
+        .collect()
 }
 
 fn lease(api: &ControlPlane) -> Value {
@@ -131,11 +132,7 @@ fn a_member_applies_under_the_lease_and_leaves_the_cluster_as_it_found_it() {
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));
     let node = member(&repo, &api, "172.30.190.3", HOST3);
-    let head = repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    let head = push_resolver(&repo);
     let log = node.pass_ok();
     for want in [
         format!("Draining {HOST3}"),
@@ -175,10 +172,9 @@ fn a_member_applies_under_the_lease_and_leaves_the_cluster_as_it_found_it() {
         took < cordon && cordon < uncordon && uncordon < released,
         "{took} {cordon} {uncordon} {released}"
     );
-    let mut events: Vec<&Write> = w.iter().filter(|w| w.resource == "events").collect();
-    events.sort_by_key(|w| w.at);
-    let reasons: Vec<&str> = events
+    let reasons: Vec<&str> = w
         .iter()
+        .filter(|w| w.resource == "events")
         .filter_map(|w| w.object["reason"].as_str())
         .collect();
     assert_eq!(reasons, ["Draining", "Switching", "Ready"]);
@@ -199,11 +195,7 @@ fn a_live_holder_keeps_the_lease_and_the_node_waits_without_building_again() {
     node.env.push(("NK3_POLL_INTERVAL".into(), "1s".into()));
     // Node .4 holds the lease, renewed just now, as a live holder's is.
     hold_lease(&api, HOST4, 600);
-    let head = repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    let head = push_resolver(&repo);
     let o = node.run_once();
     assert!(!o.status.success());
     let log = stderr(&o);
@@ -259,11 +251,7 @@ fn a_notready_node_keeps_the_others_from_disrupting_themselves() {
     let repo = Repo::with_inventory(&inventory(""));
     let node = member(&repo, &api, "172.30.190.3", HOST3);
     machine_down(&api, HOST5);
-    repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    push_resolver(&repo);
     let o = node.run_once();
     assert!(!o.status.success());
     assert!(
@@ -366,11 +354,7 @@ fn when_even_the_rollback_is_unhealthy_the_node_keeps_the_lease() {
     let node = member(&repo, &api, "172.30.190.3", HOST3);
     std::fs::create_dir_all(node.root.join("units")).unwrap();
     std::fs::write(node.root.join("units/k3s.service"), "failed").unwrap();
-    repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    push_resolver(&repo);
     let o = node.run_once();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("ROLLOUT FROZEN"), "{}", stderr(&o));
@@ -411,11 +395,7 @@ fn unsatisfiable_pdbs_churn_forever_the_node_is_not_even_cordoned_and_the_commit
         api.get_object("poddisruptionbudgets", "default", "db")
             .is_some_and(|b| b["status"]["currentHealthy"] == 1)
     }));
-    repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    push_resolver(&repo);
     let o = node.run_once();
     assert!(!o.status.success());
     let log = stderr(&o);
@@ -463,11 +443,7 @@ fn a_drain_that_times_out_uncordons_and_releases() {
         api.get_object("pods", "default", "slow")
             .is_some_and(|p| p["status"]["phase"] == "Running")
     }));
-    repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    push_resolver(&repo);
     let o = node.run_once();
     assert!(!o.status.success());
     assert!(
@@ -498,11 +474,7 @@ fn a_node_an_operator_cordoned_stays_cordoned() {
         &json!({ "spec": { "unschedulable": true } }),
     )
     .unwrap();
-    repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    push_resolver(&repo);
     node.pass_ok();
     let n = api.node(HOST3).unwrap();
     assert_eq!(n["spec"]["unschedulable"], true, "{n}");
@@ -529,6 +501,57 @@ fn a_reboot_keeps_the_lease_until_the_node_is_back_and_healthy() {
     assert_eq!(node.state()["applied"], head.as_str());
 }
 
+/// Regression: two nodes the gate stopped (a third was down) woke on each other's release
+/// of the lease and took and gave it back ten times a second (seen on the real control
+/// plane). A node the gate stops waits for its next poll.
+#[test]
+fn a_node_the_gate_stops_does_not_wake_on_every_release_of_the_lease() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let nodes = [
+        member(&repo, &api, "172.30.190.3", HOST3),
+        member(&repo, &api, "172.30.190.4", HOST4),
+    ];
+    machine_down(&api, HOST5);
+    push_resolver(&repo);
+    let _daemons: Vec<Running> = nodes
+        .iter()
+        .map(|n| {
+            Running(
+                n.agent(&["run"])
+                    .env("NK3_POLL_INTERVAL", "2s")
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|n| {
+        n.state()["last"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("node {HOST5} is NotReady")))
+    }) {
+        assert!(Instant::now() < deadline, "the gate never stopped both nodes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let from = agent_writes(&api)
+        .iter()
+        .filter(|w| w.resource == "leases")
+        .count();
+    std::thread::sleep(Duration::from_secs(8));
+    let took = agent_writes(&api)
+        .iter()
+        .filter(|w| w.resource == "leases")
+        .count()
+        - from;
+    // Each node takes and gives back the lease about once a poll: some 16 writes in 8 s.
+    assert!(took <= 30, "{took} lease writes in 8 s");
+    assert!(nodes
+        .iter()
+        .all(|n| n.calls("nixos-rebuild").iter().all(|c| c.starts_with("build"))));
+}
+
 #[test]
 fn three_daemons_roll_one_node_at_a_time() {
     let api = api();
@@ -538,11 +561,7 @@ fn three_daemons_roll_one_node_at_a_time() {
         member(&repo, &api, "172.30.190.4", HOST4),
         member(&repo, &api, "172.30.190.5", HOST5),
     ];
-    let head = repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    let head = push_resolver(&repo);
     let _daemons: Vec<Running> = nodes
         .iter()
         .map(|n| {
@@ -580,11 +599,7 @@ fn status_cluster_shows_every_node_the_lease_and_a_halt() {
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));
     let node = member(&repo, &api, "172.30.190.3", HOST3);
-    let head = repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    let head = push_resolver(&repo);
     node.pass_ok();
     let o = run(&mut node.agent(&["status", "--cluster"]));
     let text = stdout(&o);
@@ -678,11 +693,7 @@ fn a_dead_holder_loses_the_lease_at_expiry_and_then_the_gate_waits_for_it() {
     // Node .4 took the lease and died: its claim runs out in 3 s, and it is NotReady.
     hold_lease(&api, HOST4, 3);
     api.stop_kubelet(HOST4);
-    repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    push_resolver(&repo);
     let log = stderr(&node.run_once());
     assert!(
         log.contains(&format!("held by {HOST4}")),
@@ -718,11 +729,7 @@ fn the_api_down_mid_rollout_changes_nothing_and_the_rollout_goes_on_when_it_is_b
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));
     let node = member(&repo, &api, "172.30.190.3", HOST3);
-    let head = repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    let head = push_resolver(&repo);
     api.set_unreachable(true);
     let o = node.run_once();
     assert!(!o.status.success());
@@ -768,11 +775,7 @@ fn a_nudge_makes_a_waiting_daemon_fetch_at_once() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let head = repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    let head = push_resolver(&repo);
     let o = run(node
         .agent(&["nudge", "--commit", &head])
         .env("NK3_KUBECONFIG", node.root.join("etc/rancher/k3s/k3s.yaml")));
@@ -832,11 +835,7 @@ fn every_lease_the_agents_write_has_the_shape_the_kubernetes_api_defines() {
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));
     let node = member(&repo, &api, "172.30.190.3", HOST3);
-    repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    push_resolver(&repo);
     node.pass_ok();
     let leases: Vec<Value> = agent_writes(&api)
         .into_iter()
@@ -895,11 +894,7 @@ fn no_secret_reaches_a_log_line_or_status() {
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));
     let node = member(&repo, &api, "172.30.190.3", HOST3);
-    repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    push_resolver(&repo);
     let mut seen = node.pass_ok();
     seen.push_str(&stdout(&run(&mut node.agent(&[
         "status",
@@ -935,11 +930,7 @@ fn a_node_waiting_while_the_holder_halts_the_commit_does_not_apply_it() {
     let mut node = member(&repo, &api, "172.30.190.3", HOST3);
     node.env.push(("NK3_POLL_INTERVAL".into(), "10s".into()));
     hold_lease(&api, HOST4, 600);
-    let head = repo.commit(
-        "inventory.yaml",
-        &dns(&inventory(""), "9.9.9.9"),
-        "resolver",
-    );
+    let head = push_resolver(&repo);
     let waiting = std::thread::spawn(move || {
         let o = node.run_once();
         (node, o)

@@ -69,17 +69,13 @@ pub struct User {
 }
 
 impl User {
-    /// Sends `body` (JSON; `Null`: none); the status code and the answer.
+    /// Sends `body` as JSON (`Null`: no body); the status code and the answer (code 0 when
+    /// the API did not answer).
     pub fn send(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if !body.is_null() {
-            let ct = if req_is_patch(body) {
-                "application/merge-patch+json"
-            } else {
-                "application/json"
-            };
             req = req
-                .header("content-type", ct)
+                .header("content-type", "application/json")
                 .body(serde_json::to_vec(body).unwrap_or_default());
         }
         match req.send() {
@@ -90,10 +86,6 @@ impl User {
             Err(e) => (0, json!({ "message": e.to_string() })),
         }
     }
-}
-
-fn req_is_patch(body: &Value) -> bool {
-    body.get("apiVersion").is_none()
 }
 
 /// The control plane. Dropping it stops every process.
@@ -108,7 +100,8 @@ pub struct ControlPlane {
     apiserver: Mutex<Option<Child>>,
     others: Mutex<Vec<Child>>,
     kubelets: Mutex<BTreeMap<String, Kubelet>>,
-    audit_offset: Mutex<(u64, Vec<Write>)>,
+    /// How far the audit log has been read, and what it said so far.
+    audit: Mutex<(u64, Vec<Write>)>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -243,7 +236,7 @@ impl ControlPlane {
             apiserver: Mutex::new(None),
             others: Mutex::new(Vec::new()),
             kubelets: Mutex::new(BTreeMap::new()),
-            audit_offset: Mutex::new((0, Vec::new())),
+            audit: Mutex::new((0, Vec::new())),
         };
         let d = cp.dir.path().to_path_buf();
         std::fs::write(
@@ -749,7 +742,7 @@ impl ControlPlane {
         }
     }
 
-    /// The pods on `node` (name → phase), as the admin sees them.
+    /// The pods bound to `node`, as the admin sees them.
     pub fn pods_on(&self, node: &str) -> Vec<Value> {
         self.get(&format!(
             "/api/v1/pods?fieldSelector=spec.nodeName%3D{node}"
@@ -775,7 +768,7 @@ impl ControlPlane {
     /// Every request the API server finished so far, in order.
     pub fn requests(&self) -> Vec<Write> {
         let path = self.dir.path().join("audit.log");
-        let mut cache = self.audit_offset.lock().expect("lock");
+        let mut cache = self.audit.lock().expect("lock");
         let Ok(mut f) = std::fs::File::open(&path) else {
             return cache.1.clone();
         };
@@ -788,11 +781,9 @@ impl ControlPlane {
         loop {
             line.clear();
             match reader.read_line(&mut line) {
+                // The end, or a line the API server is still writing: read it next time.
                 Ok(0) | Err(_) => break,
-                Ok(n) if !line.ends_with('\n') => {
-                    let _ = n;
-                    break;
-                }
+                Ok(_) if !line.ends_with('\n') => break,
                 Ok(n) => {
                     cache.0 += n as u64;
                     if let Some(w) = parse_audit(&line) {
@@ -804,27 +795,29 @@ impl ControlPlane {
         cache.1.clone()
     }
 
-    /// The successful writes, in the order the API server made them.
+    /// The successful writes, in the order etcd committed them: by the written object's
+    /// resourceVersion (one counter for every object), a write answered without one (a
+    /// delete's `Status`) keeping the place of the write finished just before it.
     pub fn writes(&self) -> Vec<Write> {
-        let mut w: Vec<Write> = self
+        let mut last = 0;
+        let mut keyed: Vec<(u64, Write)> = self
             .requests()
             .into_iter()
             .filter(|w| {
                 matches!(w.verb.as_str(), "create" | "update" | "patch" | "delete")
                     && (200..300).contains(&w.code)
             })
-            .collect();
-        // Within a kind, the object's resourceVersion is the order etcd committed them in.
-        w.sort_by_key(|w| {
-            (
-                w.at,
-                w.object["metadata"]["resourceVersion"]
+            .map(|w| {
+                let rv = w.object["metadata"]["resourceVersion"]
                     .as_str()
                     .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0),
-            )
-        });
-        w
+                    .unwrap_or(last);
+                last = last.max(rv);
+                (rv, w)
+            })
+            .collect();
+        keyed.sort_by_key(|(rv, _)| *rv);
+        keyed.into_iter().map(|(_, w)| w).collect()
     }
 
     /// Where the components' logs and data are (kept while this value lives).

@@ -117,7 +117,7 @@ impl Api {
         }
     }
 
-    /// Every successful write, in order.
+    /// Every successful write, in the order the API committed them.
     pub fn writes(&self) -> Vec<Write> {
         match self {
             Api::Real(c) => c

@@ -910,30 +910,8 @@ fn lease_time(writes: &[api::Write], host: &str) -> Duration {
 fn max_cordoned(writes: &[api::Write]) -> usize {
     let mut cordoned = std::collections::BTreeSet::new();
     let mut most = 0;
-    // In the order etcd committed them (resourceVersion), a write's object being the
-    // node as it was then.
-    // A write without one (a delete answered with a Status) keeps its place in time.
-    let mut nodes: Vec<&api::Write> = writes.iter().filter(|w| w.resource == "nodes").collect();
-    nodes.sort_by_key(|w| w.at);
-    let mut last = 0;
-    let mut keyed: Vec<(u64, &api::Write)> = nodes
-        .into_iter()
-        .map(|w| {
-            if let Some(rv) = w.object["metadata"]["resourceVersion"]
-                .as_str()
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                last = last.max(rv);
-            }
-            let rv = w.object["metadata"]["resourceVersion"]
-                .as_str()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(last);
-            (rv, w)
-        })
-        .collect();
-    keyed.sort_by_key(|(rv, _)| *rv);
-    for (_, w) in keyed {
+    // Writes come in the order the API committed them, each object as it was then.
+    for w in writes.iter().filter(|w| w.resource == "nodes") {
         if w.verb != "delete" && w.object["metadata"]["annotations"]["nk3.io/cordoned"] == "true" {
             cordoned.insert(w.name.clone());
         } else {
