@@ -34,6 +34,9 @@ pub struct Agent {
     signers: Signers,
     /// Log "No action needed" on every pass (`run --once`), not only the first for a commit.
     pub report_idle: bool,
+    /// The last pass ended waiting for the rollout lease itself (held by another node), not
+    /// stopped by the gate or a budget: the daemon then also wakes when it is released.
+    pub(crate) waiting_for_lease: bool,
     /// What the agent remembers; saved before every side effect.
     pub state: State,
 }
@@ -141,6 +144,7 @@ impl Agent {
             nixos,
             signers,
             report_idle: false,
+            waiting_for_lease: false,
             state,
         })
     }
@@ -201,6 +205,7 @@ impl Agent {
 
     /// One pass. Errors are for what the pass could not get past (the state is saved first).
     pub fn pass(&mut self) -> anyhow::Result<Outcome> {
+        self.waiting_for_lease = false;
         if let Some(outcome) = self.resume()? {
             return Ok(outcome);
         }

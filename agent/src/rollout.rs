@@ -139,14 +139,11 @@ impl Agent {
                 } => {
                     self.state.lease_seen = crate::cluster::seen(&t.host);
                     let left = give_up.saturating_duration_since(Instant::now());
+                    let msg = format!("waiting for the rollout lease, held by {holder}");
                     if left.is_zero() {
-                        return self.finish(
-                            Outcome::Waiting,
-                            Some(&t.commit),
-                            format!("{WAITING_FOR_LEASE}, held by {holder}"),
-                        );
+                        self.waiting_for_lease = true;
+                        return self.finish(Outcome::Waiting, Some(&t.commit), msg);
                     }
-                    let msg = format!("{WAITING_FOR_LEASE}, held by {holder}");
                     let again = self.state.last.as_ref().is_some_and(|l| l.message == msg);
                     if !said && !again {
                         info!(host = %t.host, commit = %c, "{msg}");
@@ -555,16 +552,6 @@ fn held_for(hold: &Hold) -> Option<u64> {
         .ok()
         .map(|d| d.as_secs())
 }
-
-/// Whether the last pass ended waiting for the rollout lease (held by another node), as
-/// opposed to stopped by the gate or a budget.
-pub(crate) fn waits_for_lease(st: &state::State) -> bool {
-    st.last
-        .as_ref()
-        .is_some_and(|l| l.message.starts_with(WAITING_FOR_LEASE))
-}
-
-const WAITING_FOR_LEASE: &str = "waiting for the rollout lease";
 
 /// Whether a frozen node should stay frozen for `head`.
 pub(crate) fn still_frozen(phase: &Phase, head: &str) -> Option<String> {

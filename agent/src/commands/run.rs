@@ -200,8 +200,7 @@ async fn daemon(
         // node starts within moments of the last one finishing.
         // Only a node waiting for the lease itself: one the gate stopped waits for its
         // next poll, or waiting nodes would hand the lease back and forth at once.
-        let waiting =
-            outcome == Some(Outcome::Waiting) && crate::rollout::waits_for_lease(&agent.state);
+        let waiting = agent.waiting_for_lease;
         let nudge = tokio::task::spawn_blocking(move || {
             match crate::cluster::Cluster::connect(&kubeconfig, &host) {
                 Ok(Some(c)) => c.wait_for_nudge(wait, waiting).ok().flatten(),
