@@ -172,7 +172,7 @@ fn max_unavailable_gives_that_many_slots() {
 #[test]
 fn a_pre_cordoned_node_stays_cordoned_and_nk3_uncordons_only_its_own() {
     let cp = ControlPlane::start();
-    cp.add_node("n1", true);
+    cp.add_node("n1");
     let c = connect(&cp, "n1");
     assert!(!c.cordon().unwrap());
     let n = cp.node("n1").unwrap();
@@ -210,7 +210,7 @@ fn running_on(cp: &ControlPlane, node: &str, name_prefix: &str) -> Vec<String> {
 fn the_drain_waits_for_the_wrong_thing_it_skips_daemonset_pods_by_controller_and_waits_for_the_evicted_uids(
 ) {
     let cp = ControlPlane::start();
-    cp.add_node("n1", true);
+    cp.add_node("n1");
     cp.add_daemonset("kube-system", "flannel", json!({ "app": "flannel" }));
     cp.add_pod("default", "web-1", "n1", json!({ "app": "web" }), 1);
     cp.add_pod("default", "db-0", "n1", json!({ "app": "db" }), 1);
@@ -258,7 +258,7 @@ fn the_drain_waits_for_the_wrong_thing_it_skips_daemonset_pods_by_controller_and
 fn unsatisfiable_pdbs_churn_forever_a_budget_that_never_allows_an_eviction_is_seen_before_cordoning(
 ) {
     let cp = ControlPlane::start();
-    cp.add_node("n1", true);
+    cp.add_node("n1");
     cp.add_deployment("default", "db", 1, json!({ "app": "db" }), 1);
     cp.add_pdb("default", "db", json!({ "app": "db" }), 1);
     assert!(cp.wait_for(Duration::from_secs(60), |cp| {
@@ -286,7 +286,7 @@ fn unsatisfiable_pdbs_churn_forever_a_budget_that_never_allows_an_eviction_is_se
 #[test]
 fn eviction_errors_other_than_429_wedge_the_rollout_a_pod_under_two_budgets_times_the_drain_out() {
     let cp = ControlPlane::start();
-    cp.add_node("n1", true);
+    cp.add_node("n1");
     cp.add_pod("default", "shared", "n1", json!({ "app": "x" }), 1);
     cp.add_pdb("default", "one", json!({ "app": "x" }), 0);
     cp.add_pdb("default", "two", json!({ "app": "x" }), 0);
@@ -315,7 +315,7 @@ fn eviction_errors_other_than_429_wedge_the_rollout_a_pod_under_two_budgets_time
 fn stale_ready_a_node_whose_heartbeats_stopped_gates_the_rollout_while_it_still_says_ready() {
     let cp = ControlPlane::start();
     for n in ["n1", "n2", "n3"] {
-        cp.add_node(n, true);
+        cp.add_node(n);
     }
     let c = connect(&cp, "n1");
     assert_eq!(c.gate(&[], &[], None).unwrap(), Ok(()));
@@ -354,7 +354,7 @@ fn stale_ready_a_node_whose_heartbeats_stopped_gates_the_rollout_while_it_still_
 #[test]
 fn stale_ready_verification_needs_this_boots_id_and_a_heartbeat_after_the_switch() {
     let cp = ControlPlane::start();
-    cp.add_node("n1", true);
+    cp.add_node("n1");
     let c = connect(&cp, "n1");
     let rollout = nk3_common::inventory::Rollout::default();
     let ok = std::path::Path::new("/bin/true");
@@ -404,7 +404,7 @@ fn halts_are_shared_and_lifted() {
 #[test]
 fn watch_expiry_is_a_busy_loop_an_expired_watch_lists_again_and_waits() {
     let cp = ControlPlane::start();
-    cp.add_node("n1", true);
+    cp.add_node("n1");
     let a = connect(&cp, "a");
     a.nudge("first").unwrap();
     let lease_rv = cp.get_object("leases", NAMESPACE, LEASE).unwrap()["metadata"]

@@ -633,12 +633,9 @@ impl ControlPlane {
         }
     }
 
-    /// A Node whose kubelet heartbeats (`ready`), or that is registered and silent.
-    pub fn add_node(&self, node: &str, ready: bool) {
+    /// A Node whose kubelet heartbeats, with a boot id of its own.
+    pub fn add_node(&self, node: &str) {
         self.add_node_with_boot_id(node, None);
-        if !ready {
-            self.stop_kubelet(node);
-        }
     }
 
     /// The machine stops (power off, reboot): its kubelet stops heartbeating and handling

@@ -9,7 +9,7 @@ use serde_json::json;
 #[test]
 fn a_silent_kubelet_stays_ready_until_the_node_lifecycle_controller_marks_it_unknown() {
     let cp = ControlPlane::start();
-    cp.add_node("n1", true);
+    cp.add_node("n1");
     let node = cp.node("n1").unwrap();
     assert_eq!(node["status"]["nodeInfo"]["bootID"], "boot-of-n1");
     let lease = cp
@@ -58,7 +58,7 @@ fn a_silent_kubelet_stays_ready_until_the_node_lifecycle_controller_marks_it_unk
 #[test]
 fn a_kubelet_credential_cannot_write_leases_outside_kube_node_lease() {
     let cp = ControlPlane::start();
-    cp.add_node("n1", true);
+    cp.add_node("n1");
     let lease = json!({ "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                         "metadata": { "name": "nk3-rollout" }, "spec": {} });
     let kubelet = cp.user("system:node:n1", &["system:nodes"]);
