@@ -20,6 +20,7 @@ let
     ++ flag "state-dir" cfg.stateDir
     ++ flag "node" cfg.node
     ++ flag "kubeconfig" cfg.kubeconfig
+    ++ flag "k3s-data-dir" cfg.k3sDataDir
     ++ flag "ssh-key-file" cfg.sshKeyFile
     ++ flag "known-hosts" cfg.knownHosts
     ++ flag "repo-token-file" cfg.tokenFile
@@ -48,8 +49,8 @@ in
         message = "services.nk3-agent.repository must not carry a password (it would land in the Nix store); use sshKeyFile or tokenFile.";
       }
       {
-        assertion = lib.all absolute [ cfg.sshKeyFile cfg.knownHosts cfg.tokenFile cfg.allowedSigners cfg.kubeconfig ];
-        message = "services.nk3-agent: sshKeyFile, knownHosts, tokenFile, allowedSigners and kubeconfig must be absolute paths.";
+        assertion = lib.all absolute [ cfg.sshKeyFile cfg.knownHosts cfg.tokenFile cfg.allowedSigners cfg.kubeconfig cfg.k3sDataDir ];
+        message = "services.nk3-agent: sshKeyFile, knownHosts, tokenFile, allowedSigners, kubeconfig and k3sDataDir must be absolute paths.";
       }
       {
         assertion = lib.all

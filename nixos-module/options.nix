@@ -80,7 +80,23 @@ in
     kubeconfig = mkOption {
       type = absolutePath;
       default = "/etc/rancher/k3s/k3s.yaml";
-      description = "Credentials for the k3s API; the file k3s writes on servers. Agent-role nodes need one of their own.";
+      example = "/var/lib/nk3-agent/kubeconfig";
+      description = ''
+        Credentials for the k3s API. On servers, the file k3s writes. An agent-role node has
+        none: make one on a server with `nk3-agent credentials <hostname>`, copy it to the node
+        (mode 0600) and name it here. Without it an agent node builds each commit and waits,
+        never switching outside the rollout lease.
+      '';
+    };
+
+    k3sDataDir = mkOption {
+      type = absolutePath;
+      default = "/var/lib/rancher/k3s";
+      description = ''
+        k3s's data directory (set it if k3s runs with `--data-dir`). The certificates k3s keeps
+        there once it joined a cluster tell the agent this machine is a member, which never
+        switches outside the rollout lease; only a machine without them applies at once.
+      '';
     };
 
     node = mkOption {

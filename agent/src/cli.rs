@@ -32,6 +32,9 @@ pub enum Command {
     Plan(Box<AgentArgs>),
     /// Make every agent of the cluster fetch now, instead of at its next poll.
     Nudge(NudgeArgs),
+    /// On a server: make an agent-role node's least-privilege credentials for the k3s API
+    /// and write them as a kubeconfig to copy to that node.
+    Credentials(CredentialsArgs),
     /// Print one node's configuration.nix, or write every node's with --all.
     Render(Box<RenderArgs>),
     /// Check an inventory; print every problem as file:line: key: message.
@@ -159,9 +162,15 @@ pub struct AgentArgs {
     /// Detected when not given.
     #[arg(long, value_name = "IP-or-name", env = env_vars::NK3_NODE)]
     pub node: Option<String>,
-    /// Credentials for the k3s API.
+    /// Credentials for the k3s API: on servers the file k3s writes, on agent-role nodes the
+    /// one `nk3-agent credentials NODE` makes on a server.
     #[arg(long, value_name = "FILE", env = env_vars::NK3_KUBECONFIG, default_value = "/etc/rancher/k3s/k3s.yaml")]
     pub kubeconfig: PathBuf,
+    /// k3s's data directory (its `--data-dir`). The certificates k3s keeps there once it has
+    /// joined a cluster are how the agent knows this machine is a member, whose switches wait
+    /// for the rollout lease, and not a fresh machine that applies at once.
+    #[arg(long, value_name = "DIR", env = env_vars::NK3_K3S_DATA_DIR, default_value = "/var/lib/rancher/k3s")]
+    pub k3s_data_dir: PathBuf,
     /// The nixos-rebuild program.
     #[arg(long, value_name = "CMD", env = env_vars::NK3_NIXOS_REBUILD, default_value = "nixos-rebuild")]
     pub nixos_rebuild: PathBuf,
@@ -227,6 +236,35 @@ pub struct NudgeArgs {
     #[arg(long, value_name = "SHA")]
     pub commit: Option<String>,
     /// Credentials for the k3s API.
+    #[arg(long, value_name = "FILE", env = env_vars::NK3_KUBECONFIG, default_value = "/etc/rancher/k3s/k3s.yaml")]
+    pub kubeconfig: PathBuf,
+}
+
+/// `nk3-agent credentials`.
+#[derive(Debug, Args)]
+pub struct CredentialsArgs {
+    /// The node: its hostname, or with --inventory its address as written there.
+    #[arg(value_name = "NODE")]
+    pub node: String,
+    /// The inventory: its max_unavailable and Ceph check decide what the roles grant, its
+    /// join address is the API address written for the node.
+    #[arg(long, value_name = "FILE")]
+    pub inventory: Option<PathBuf>,
+    /// How many rollout Leases the roles grant (default: the inventory's max_unavailable,
+    /// else 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_unavailable: Option<u32>,
+    /// The API address the node reaches (default: https://<join_address>:6443 with
+    /// --inventory, else the admin kubeconfig's server unless it is this machine itself).
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// Where to write the node's kubeconfig, mode 0600 (default: nk3-<hostname>.kubeconfig).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Make a new token; the old one stops working at once.
+    #[arg(long)]
+    pub rotate: bool,
+    /// Admin credentials for the k3s API (on a server, the file k3s writes).
     #[arg(long, value_name = "FILE", env = env_vars::NK3_KUBECONFIG, default_value = "/etc/rancher/k3s/k3s.yaml")]
     pub kubeconfig: PathBuf,
 }

@@ -616,7 +616,7 @@ impl Cluster {
 
     /// Releases every rollout lease this node holds and undoes its own cordon: the end of
     /// a rollout that was interrupted after the node already ran the new system.
-    pub fn let_go(&self) -> Result<(), KubeError> {
+    pub fn let_go(&self, max_unavailable: u32) -> Result<(), KubeError> {
         let node = self.kube.node(&self.me)?;
         let ours = node
             .as_ref()
@@ -625,14 +625,10 @@ impl Cluster {
         if ours {
             self.uncordon(false)?;
         }
-        for l in self.kube.list_json(&format!(
-            "/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases"
-        ))? {
-            if l["spec"]["holderIdentity"].as_str() == Some(self.me.as_str()) {
-                if let Some(name) = l["metadata"]["name"].as_str() {
-                    self.release(name)?;
-                }
-            }
+        // By name: an agent node's credentials may read the rollout's Leases, not list the
+        // namespace.
+        for name in crate::access::lease_names(max_unavailable) {
+            self.release(&name)?;
         }
         Ok(())
     }
@@ -962,8 +958,9 @@ pub struct Overview {
 }
 
 impl Cluster {
-    /// Every node's commit and phase, the lease holders and the halt.
-    pub fn overview(&self) -> Result<Overview, KubeError> {
+    /// Every node's commit and phase, the holders of the leases of a rollout of `slots`, and
+    /// the halt.
+    pub fn overview(&self, slots: u32) -> Result<Overview, KubeError> {
         let nodes = self
             .kube
             .nodes()?
@@ -983,19 +980,11 @@ impl Cluster {
                 }
             })
             .collect();
+        // By name, as an agent node's credentials allow: the first, then the slots.
         let mut leases = BTreeMap::new();
-        for l in self.kube.list_json(&format!(
-            "/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases"
-        ))? {
-            let name = l["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            if name == LEASE || name.starts_with(&format!("{LEASE}-")) {
-                let holder = l["spec"]["holderIdentity"]
-                    .as_str()
-                    .filter(|h| !h.is_empty());
-                leases.insert(name, holder.map(str::to_string));
+        for name in crate::access::lease_names(slots) {
+            if let Some(l) = self.kube.lease(NAMESPACE, &name)? {
+                leases.insert(name, claim(&l).holder.filter(|h| !h.is_empty()));
             }
         }
         let halted = self.halt()?.map(|h| (h.commit, h.node, h.reason));

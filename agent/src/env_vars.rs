@@ -23,6 +23,8 @@ pub const NK3_POLL_INTERVAL: &str = "NK3_POLL_INTERVAL";
 pub const NK3_NIXOS_DIR: &str = "NK3_NIXOS_DIR";
 /// The kubeconfig for the k3s API.
 pub const NK3_KUBECONFIG: &str = "NK3_KUBECONFIG";
+/// k3s's data directory: what k3s leaves there tells whether it joined a cluster here.
+pub const NK3_K3S_DATA_DIR: &str = "NK3_K3S_DATA_DIR";
 /// The nixos-rebuild command.
 pub const NK3_NIXOS_REBUILD: &str = "NK3_NIXOS_REBUILD";
 /// The systemctl command.

@@ -444,6 +444,25 @@ impl Kube {
         Ok(Self::decode::<ListOf<Value>>(path, &b)?.items)
     }
 
+    /// POSTs `body` to `path` (a collection, or a review such as SelfSubjectAccessReview)
+    /// and returns what the API made of it.
+    pub fn post_json(&self, path: &str, body: &Value) -> Result<Value, KubeError> {
+        self.send(reqwest::Method::POST, path, "application/json", body)
+    }
+
+    /// Replaces the object at `path`; its `metadata.resourceVersion` must be current.
+    pub fn put_json(&self, path: &str, body: &Value) -> Result<Value, KubeError> {
+        self.send(reqwest::Method::PUT, path, "application/json", body)
+    }
+
+    /// Deletes the object at `path`; a missing one is not an error.
+    pub fn delete(&self, path: &str) -> Result<(), KubeError> {
+        match self.request(reqwest::Method::DELETE, path, None, Retry::All) {
+            Err(e) if e.code() != Some(404) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Records a Kubernetes Event (best effort is the caller's choice).
     pub fn create_event(&self, ns: &str, event: &Value) -> Result<(), KubeError> {
         let path = format!("/api/v1/namespaces/{ns}/events");

@@ -1,5 +1,6 @@
 //! nk3-agent: the binary every nk3 node runs.
 
+mod access;
 mod cli;
 mod cluster;
 #[cfg(test)]
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         cli::Command::Render(args) => commands::render::run(&args),
         cli::Command::Validate(args) => commands::validate::run(&args),
         cli::Command::Nudge(args) => commands::nudge::run(&args),
+        cli::Command::Credentials(args) => commands::credentials::run(&args),
         cli::Command::Completions { shell } => commands::docs::completions(shell),
         cli::Command::Man => commands::docs::man(),
     };

@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::cli::{AgentArgs, TOKEN_FILE_NAME};
 use crate::git::{Access, Signers, Source};
 use crate::machine;
+use crate::rollout::Coordination;
 use crate::state::{self, Hold, LastResult, Outcome, Phase, Rejected, State};
 use crate::system::{self, Nixos};
 
@@ -37,6 +38,8 @@ pub struct Agent {
     /// The last pass ended waiting for the rollout lease itself (held by another node), not
     /// stopped by the gate or a budget: the daemon then also wakes when it is released.
     pub(crate) waiting_for_lease: bool,
+    /// The credentials and rollout shape the API last said may run a whole rollout.
+    pub(crate) access_checked: Option<String>,
     /// What the agent remembers; saved before every side effect.
     pub state: State,
 }
@@ -145,6 +148,7 @@ impl Agent {
             signers,
             report_idle: false,
             waiting_for_lease: false,
+            access_checked: None,
             state,
         })
     }
@@ -197,7 +201,7 @@ impl Agent {
     }
 
     /// Reports a problem once: again only when it changes.
-    fn problem(&mut self, commit: Option<&str>, message: &str) {
+    pub(crate) fn problem(&mut self, commit: Option<&str>, message: &str) {
         if self.state.last.as_ref().map(|l| l.message.as_str()) != Some(message) {
             warn!(host = %self.host(), commit = %short(commit), "{message}");
         }
@@ -290,6 +294,7 @@ impl Agent {
     }
 
     fn identified(&mut self, t: &Target) {
+        self.state.lease_slots = Some(t.rollout.max_unavailable);
         self.state.node = Some(t.node.clone());
         self.state.host = Some(t.host.clone());
     }
@@ -691,7 +696,7 @@ impl Agent {
             return self.reject(t, had_previous, format!("the new system {system} has no nk3-agent.service: it would stop nk3 from managing this node (does configuration.nix still import ./nk3.nix?)"));
         }
         if self.nixos.current().as_deref() == Some(system.as_str()) {
-            self.let_go(&t.host)?;
+            self.let_go(&t.host, t.rollout.max_unavailable)?;
             self.record_applied(&t.commit, system)?;
             info!(host = %t.host, commit = %c, "No action needed on {}: it already runs this system", t.host);
             return self.finish(
@@ -701,11 +706,18 @@ impl Agent {
             );
         }
         // A node of a running cluster takes the rollout lease, checks the cluster's health
-        // and drains itself first (steps 6 to 8). A node whose k3s never ran (no kubeconfig
-        // yet: bootstrap) is not part of a cluster and switches directly.
-        match self.cluster(&t.host)? {
-            Some(cluster) => self.coordinated(t, system, cluster),
-            None => self.switch(t, system, None),
+        // and drains itself first (steps 6 to 8). Only a machine where k3s never joined a
+        // cluster (bootstrap) switches directly.
+        match self.coordination(&t.host)? {
+            Coordination::Lease(cluster) => self.coordinated(t, system, cluster),
+            Coordination::Bootstrap => {
+                info!(host = %t.host, commit = %c, "k3s has not joined a cluster on {} yet: switching without the rollout lease (bootstrap)", t.host);
+                self.switch(t, system, None)
+            }
+            Coordination::NoCredentials(msg) => {
+                self.problem(Some(&t.commit), &msg);
+                self.finish(Outcome::Waiting, Some(&t.commit), msg)
+            }
         }
     }
 

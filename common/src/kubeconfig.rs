@@ -178,9 +178,74 @@ pub fn parse(
     })
 }
 
+/// A kubeconfig with a bearer token, in the shape [`parse`] reads: what `nk3-agent
+/// credentials` writes for an agent-role node. `server` must be an `https://` URL; the
+/// token is a ServiceAccount token (a JWT: letters, digits, `-`, `_` and `.`).
+pub fn with_token(server: &str, ca_pem: &[u8], user: &str, token: &str) -> Result<String, Error> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    };
+    if !server.starts_with("https://")
+        || server
+            .chars()
+            .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+    {
+        return Err(Error(format!(
+            "the server must be an https:// URL, not {server:?}"
+        )));
+    }
+    if !plain(user) {
+        return Err(Error(format!("{user:?} is not a user name")));
+    }
+    if !plain(token) || token.contains(':') {
+        return Err(Error("the token is not a ServiceAccount token".into()));
+    }
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    Ok(format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: k3s
+  cluster:
+    server: \"{server}\"
+    certificate-authority-data: {ca}
+users:
+- name: {user}
+  user:
+    token: {token}
+contexts:
+- name: {user}
+  context:
+    cluster: k3s
+    user: {user}
+current-context: {user}
+"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_credentials_writes_reads_back() {
+        let text = with_token(
+            "https://10.0.0.1:6443",
+            b"-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n",
+            "nk3-agent-n1",
+            "eyJhbGci.eyJpc3Mi.c2ln-_",
+        )
+        .unwrap();
+        let k = parse(&text, &no_files).unwrap();
+        assert_eq!(k.server, "https://10.0.0.1:6443");
+        assert!(k.ca_pem.starts_with(b"-----BEGIN CERTIFICATE-----"));
+        assert_eq!(k.auth, Auth::Token("eyJhbGci.eyJpc3Mi.c2ln-_".into()));
+        assert!(with_token("http://10.0.0.1:6443", b"CA", "u", "t").is_err());
+        assert!(with_token("https://a\"\nb", b"CA", "u", "t").is_err());
+        assert!(with_token("https://a", b"CA", "u", "t\nuser: x").is_err());
+    }
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)

@@ -247,6 +247,9 @@ pub struct State {
     /// 3339, by this machine's clock): expiry is judged by how long it stayed unchanged,
     /// across restarts too.
     pub lease_seen: std::collections::BTreeMap<String, LeaseSeen>,
+    /// The rollout's `max_unavailable` at the last commit this node worked on: which lease
+    /// slots `status --cluster` reads (by name, as an agent node's credentials allow).
+    pub lease_slots: Option<u32>,
 }
 
 /// A rollout lease's holder record, as this agent saw it.
@@ -292,6 +295,7 @@ impl Default for State {
             last_rollout_seconds: None,
             drain_blocked: None,
             lease_seen: Default::default(),
+            lease_slots: None,
         }
     }
 }

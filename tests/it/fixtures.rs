@@ -284,8 +284,10 @@ impl Node {
             .env("NK3_ROUTE_TABLE", r.join("route"))
             .env("NK3_ROUTE6_TABLE", r.join("ipv6_route"))
             .env("NK3_FAKE_ROOT", r)
-            // No k3s ran on a fresh node: no kubeconfig (tests of a cluster write one).
+            // No k3s ran on a fresh node: no kubeconfig and nothing in k3s's data directory
+            // (tests of a cluster write them, see `Node::k3s_joined`).
             .env("NK3_KUBECONFIG", r.join("etc/rancher/k3s/k3s.yaml"))
+            .env("NK3_K3S_DATA_DIR", r.join("var/lib/rancher/k3s"))
             .env("NK3_POLL_INTERVAL", "100ms");
         if !self.node.is_empty() {
             c.env("NK3_NODE", &self.node);
@@ -294,6 +296,14 @@ impl Node {
             c.env(k, v);
         }
         c
+    }
+
+    /// k3s joins the cluster on this machine: the kubelet's client certificate a server
+    /// signed lands in k3s's data directory (on every node, agent or server).
+    pub fn k3s_joined(&self) {
+        let dir = self.root.join("var/lib/rancher/k3s/agent");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("client-kubelet.crt"), "certificate\n").unwrap();
     }
 
     /// `nk3-agent run --once`, and its output.

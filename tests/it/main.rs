@@ -2,6 +2,7 @@
 //! nix-bin), real files in temporary directories.
 
 mod agent;
+mod agent_role;
 mod bad_inventories;
 mod cli;
 mod fixtures;

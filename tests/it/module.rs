@@ -94,6 +94,7 @@ fn defaults_make_a_unit_that_survives_switches_and_reports_to_systemd() {
     assert_eq!(s["poll_interval"], "1m");
     assert_eq!(s["state_dir"], "/var/lib/nk3-agent");
     assert_eq!(s["kubeconfig"], "/etc/rancher/k3s/k3s.yaml");
+    assert_eq!(s["k3s_data_dir"], "/var/lib/rancher/k3s");
     assert_eq!(s["log_level"], "info");
     assert_eq!(s["node"], Value::Null);
     assert_eq!(s["metrics_address"], Value::Null);
@@ -114,6 +115,7 @@ fn every_option_reaches_the_agent_as_the_flag_it_accepts() {
           tokenFile = "/etc/nk3/token";
           allowedSigners = "/etc/nk3/allowed_signers";
           kubeconfig = "/etc/nk3/kubeconfig";
+          k3sDataDir = "/srv/k3s";
           node = "172.30.190.3";
           stateDir = "/var/lib/nk3";
           logLevel = "debug";
@@ -135,6 +137,7 @@ fn every_option_reaches_the_agent_as_the_flag_it_accepts() {
         "repo_token_file": "/etc/nk3/token",
         "allowed_signers": "/etc/nk3/allowed_signers",
         "kubeconfig": "/etc/nk3/kubeconfig",
+        "k3s_data_dir": "/srv/k3s",
         "node": "172.30.190.3",
         "state_dir": "/var/lib/nk3",
         "log_level": "debug",

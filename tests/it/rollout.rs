@@ -11,11 +11,11 @@ use serde_json::{json, Value};
 use crate::fixtures::{Node, Repo, Running};
 use crate::support::{root, run, stderr, stdout};
 
-const HOST3: &str = "d6c27852-4d1c-5830-8e94-40b76fa2b5ec";
-const HOST4: &str = "a9bcde5e-240d-54ad-8590-d8e18b7ee42f";
-const HOST5: &str = "b0d1dcf2-588a-5740-b321-5c9ca8d6b9b0";
+pub(crate) const HOST3: &str = "d6c27852-4d1c-5830-8e94-40b76fa2b5ec";
+pub(crate) const HOST4: &str = "a9bcde5e-240d-54ad-8590-d8e18b7ee42f";
+pub(crate) const HOST5: &str = "b0d1dcf2-588a-5740-b321-5c9ca8d6b9b0";
 
-fn inventory(extra_cluster: &str) -> String {
+pub(crate) fn inventory(extra_cluster: &str) -> String {
     format!(
         "cluster:
   join_address: 172.30.190.3
@@ -42,14 +42,14 @@ fn push_resolver(repo: &Repo) -> String {
     )
 }
 
-fn dns(inv: &str, server: &str) -> String {
+pub(crate) fn dns(inv: &str, server: &str) -> String {
     inv.replace(
         "default_gateway: 172.30.190.1\n",
         &format!("default_gateway: 172.30.190.1\n  nameservers: [ {server} ]\n"),
     )
 }
 
-fn api() -> ControlPlane {
+pub(crate) fn api() -> ControlPlane {
     let api = ControlPlane::start();
     for h in [HOST3, HOST4, HOST5] {
         api.add_node(h);
@@ -57,10 +57,10 @@ fn api() -> ControlPlane {
     api
 }
 
-/// A node brought up before its k3s ran (no kubeconfig: it applied directly), then given
-/// the kubeconfig k3s writes: from now on it is part of the cluster. Its kubelet reports
-/// the machine's boot id.
-fn member(repo: &Repo, api: &ControlPlane, ip: &str, host: &str) -> Node {
+/// A node brought up before its k3s ran (nothing of k3s on it: it applied directly), then
+/// k3s joined the cluster: its kubelet reports the machine's boot id and the kubelet's
+/// certificate is in k3s's data directory. No credentials for nk3 yet.
+pub(crate) fn joined(repo: &Repo, api: &ControlPlane, ip: &str, host: &str) -> Node {
     let node = Node::new(&repo.url(), ip);
     node.pass_ok();
     node.pass_ok();
@@ -73,15 +73,22 @@ fn member(repo: &Repo, api: &ControlPlane, ip: &str, host: &str) -> Node {
             .is_some_and(|n| n["status"]["nodeInfo"]["bootID"] == id.as_str())
     }));
     assert!(api.wait_ready(host, "True", Duration::from_secs(20)));
-    let k = node.root.join("etc/rancher/k3s/k3s.yaml");
-    std::fs::create_dir_all(k.parent().unwrap()).unwrap();
-    std::fs::write(&k, api.kubeconfig(host)).unwrap();
+    node.k3s_joined();
     node.clear_calls();
     node
 }
 
+/// A server node of the cluster: [`joined`], with the kubeconfig k3s writes on servers.
+pub(crate) fn member(repo: &Repo, api: &ControlPlane, ip: &str, host: &str) -> Node {
+    let node = joined(repo, api, ip, host);
+    let k = node.root.join("etc/rancher/k3s/k3s.yaml");
+    std::fs::create_dir_all(k.parent().unwrap()).unwrap();
+    std::fs::write(&k, api.kubeconfig(host)).unwrap();
+    node
+}
+
 /// Replaces the rollout Lease with `l` (creating it if need be), as an admin would.
-fn set_lease(api: &ControlPlane, mut l: Value) {
+pub(crate) fn set_lease(api: &ControlPlane, mut l: Value) {
     let path = ControlPlane::path("leases", "kube-system", "nk3-rollout");
     l["metadata"]["name"] = json!("nk3-rollout");
     l["apiVersion"] = json!("coordination.k8s.io/v1");
@@ -109,19 +116,19 @@ fn machine_down(api: &ControlPlane, host: &str) {
 }
 
 /// Writes by the agents, in the order etcd committed them.
-fn agent_writes(api: &ControlPlane) -> Vec<Write> {
+pub(crate) fn agent_writes(api: &ControlPlane) -> Vec<Write> {
     api.writes()
         .into_iter()
         .filter(|w| w.user_agent.starts_with("nk3-agent"))
         .collect()
 }
 
-fn lease(api: &ControlPlane) -> Value {
+pub(crate) fn lease(api: &ControlPlane) -> Value {
     api.get_object("leases", "kube-system", "nk3-rollout")
         .unwrap_or(Value::Null)
 }
 
-fn holder(api: &ControlPlane) -> Option<String> {
+pub(crate) fn holder(api: &ControlPlane) -> Option<String> {
     lease(api)["spec"]["holderIdentity"]
         .as_str()
         .map(str::to_string)
@@ -229,7 +236,7 @@ fn a_live_holder_keeps_the_lease_and_the_node_waits_without_building_again() {
 
 /// Puts the rollout Lease in the hands of `holder`, renewed just now, for `seconds` (as a
 /// live holder — or one about to die — leaves it).
-fn hold_lease(api: &ControlPlane, holder: &str, seconds: u64) {
+pub(crate) fn hold_lease(api: &ControlPlane, holder: &str, seconds: u64) {
     set_lease(
         api,
         json!({
@@ -241,7 +248,7 @@ fn hold_lease(api: &ControlPlane, holder: &str, seconds: u64) {
 }
 
 /// Now, as Kubernetes writes a MicroTime.
-fn now_micro() -> String {
+pub(crate) fn now_micro() -> String {
     humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
 }
 

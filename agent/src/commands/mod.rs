@@ -1,5 +1,6 @@
 //! One module per subcommand. Each returns the exit code, or an error for `main` to report.
 
+pub mod credentials;
 pub mod docs;
 pub mod nudge;
 pub mod plan;

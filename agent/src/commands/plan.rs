@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use crate::cli::AgentArgs;
 use crate::reconcile::{short, Agent, Decision};
+use crate::rollout::Coordination;
 use crate::state;
 
 /// Prints the plan. Exit 0 when the node would be left as it is, 2 when a pass would
@@ -133,6 +134,19 @@ pub fn run(settings: &AgentArgs) -> anyhow::Result<ExitCode> {
                     "{why}: write configuration.nix, {build}, then switch (or reboot) if the system differs"
                 ),
             );
+            let how = match agent.coordination(&target.host)? {
+                Coordination::Lease(cluster) => match agent.access_refusal(&target, &cluster) {
+                    Ok(None) => "under the rollout lease: gate, drain, switch, verify".to_string(),
+                    Ok(Some(why)) => format!("wait: {why}"),
+                    Err(e) => format!("under the rollout lease, once the k3s API answers ({e})"),
+                },
+                Coordination::Bootstrap => format!(
+                    "directly, without the rollout lease: k3s has not joined a cluster on {} yet (bootstrap)",
+                    target.host
+                ),
+                Coordination::NoCredentials(why) => format!("wait: {why}"),
+            };
+            row("switch", &how);
             if let Some(d) = diff {
                 println!("{} modified:", target.host);
                 print!("{d}");

@@ -72,6 +72,7 @@ fn check(args: &RunArgs) -> anyhow::Result<ExitCode> {
         "nixos_dir": a.nixos_dir.display().to_string(),
         "node": a.node,
         "kubeconfig": a.kubeconfig.display().to_string(),
+        "k3s_data_dir": a.k3s_data_dir.display().to_string(),
         "nixos_rebuild": a.nixos_rebuild.display().to_string(),
         "systemctl": a.systemctl.display().to_string(),
         "nix_channel": a.nix_channel.display().to_string(),

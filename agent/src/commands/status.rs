@@ -46,7 +46,7 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             .and_then(|s| s.host.clone())
             .unwrap_or_else(|| host.hostname.clone().unwrap_or_default());
         match crate::cluster::Cluster::connect(&args.agent.kubeconfig, &me)? {
-            Some(c) => Some(c.overview()?),
+            Some(c) => Some(c.overview(st.as_ref().and_then(|s| s.lease_slots).unwrap_or(1))?),
             None => anyhow::bail!(
                 "no kubeconfig at {}: this node is not part of a cluster yet (or pass --kubeconfig)",
                 args.agent.kubeconfig.display()

@@ -30,5 +30,16 @@ pub fn run(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
         }
         println!("  {:width$}  {}  {}", n.key, n.hostname, notes.join(", "));
     }
+    let agents = inv
+        .nodes
+        .iter()
+        .filter(|n| n.role == nk3_common::inventory::Role::Agent)
+        .count();
+    if agents > 0 {
+        println!(
+            "note: k3s writes no API credentials on agent-role nodes; each of the {agents} needs its own from `nk3-agent credentials <hostname> --inventory {}` on a server, or it builds every commit and waits instead of rolling (README: agent-role nodes)",
+            args.file.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
