@@ -23,6 +23,8 @@ pub struct Write {
     pub name: String,
     /// `create`, `update`, `patch`, `delete`.
     pub verb: String,
+    /// Who wrote it (empty on the stand-in).
+    pub user: String,
     /// The object as written.
     pub object: Value,
 }
@@ -117,6 +119,18 @@ impl Api {
         }
     }
 
+    /// How many requests of users whose name starts with `prefix` the API refused (403).
+    pub fn refused_for(&self, prefix: &str) -> usize {
+        match self {
+            Api::Real(c) => c
+                .requests()
+                .iter()
+                .filter(|w| w.user.starts_with(prefix) && w.code == 403)
+                .count(),
+            Api::StandIn(_) => 0,
+        }
+    }
+
     /// Every successful write, in the order the API committed them.
     pub fn writes(&self) -> Vec<Write> {
         match self {
@@ -129,6 +143,7 @@ impl Api {
                     namespace: w.namespace,
                     name: w.name,
                     verb: w.verb,
+                    user: w.user,
                     object: w.object,
                 })
                 .collect(),
@@ -144,6 +159,7 @@ impl Api {
                     resource: w.resource,
                     name: w.name,
                     verb: w.verb,
+                    user: String::new(),
                     object: w.object,
                 })
                 .collect(),

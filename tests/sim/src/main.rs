@@ -84,6 +84,10 @@ struct Args {
     /// Refuse to run on the stand-in API server (tests and the soak use this).
     #[arg(long)]
     real_api: bool,
+    /// Make the last N nodes agent-role nodes: k3s writes no kubeconfig there, so each gets
+    /// the credentials `nk3-agent credentials` makes (needs the real control plane).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    agents: usize,
 }
 
 /// The workspace root (where tests/bin and the agent binary are).
@@ -132,14 +136,15 @@ fn push(work: &Path, inventory: &str, message: &str) -> anyhow::Result<String> {
     git(work, &["rev-parse", "HEAD"])
 }
 
-fn inventory(n: usize, max_unavailable: u32, extra: &str) -> String {
-    inventory_with(n, max_unavailable, extra, 0, "", None)
+fn inventory(n: usize, agents: usize, max_unavailable: u32, extra: &str) -> String {
+    inventory_with(n, agents, max_unavailable, extra, 0, "", None)
 }
 
-/// The inventory; `initiator` is the index of the bootstrapping node, `first_extra` extra
-/// lines for the first node.
+/// The inventory; the last `agents` nodes are agent-role, `initiator` is the index of the
+/// bootstrapping node, `first_extra` extra lines for the first node.
 fn inventory_with(
     n: usize,
+    agents: usize,
     max_unavailable: u32,
     extra: &str,
     initiator: usize,
@@ -155,9 +160,10 @@ fn inventory_with(
     ));
     for i in (0..n).filter(|i| Some(*i) != gone) {
         s.push_str(&format!(
-            "    172.30.190.{}:\n      initiator: {}\n      interface: enp3s0f0\n      boot_device: /dev/nvme0n1\n{}",
+            "    172.30.190.{}:\n      initiator: {}\n{}      interface: enp3s0f0\n      boot_device: /dev/nvme0n1\n{}",
             3 + i,
             i == initiator,
+            if i >= n - agents { "      role: agent\n" } else { "" },
             if i == 0 { first_extra } else { "" }
         ));
     }
@@ -171,6 +177,8 @@ struct Machine {
     label: String,
     root: PathBuf,
     agent: Option<Child>,
+    /// The credentials its agent uses: k3s.yaml on servers, nk3's own on agent nodes.
+    kubeconfig: PathBuf,
     /// A stand-in kill point (NK3_FAKE_KILL) and the directory that lets only the first node
     /// reaching it be killed.
     kill: Option<(String, PathBuf)>,
@@ -203,6 +211,7 @@ impl Machine {
             label: format!("node-{}", i + 1),
             ip,
             host,
+            kubeconfig: root.join("etc/rancher/k3s/k3s.yaml"),
             root,
             agent: None,
             kill: None,
@@ -227,7 +236,8 @@ impl Machine {
             .env("NK3_BOOTED_SYSTEM", r.join("run/booted-system"))
             .env("NK3_BOOT_ID_FILE", r.join("boot_id"))
             .env("NK3_PRODUCT_UUID_FILE", r.join("product_uuid"))
-            .env("NK3_KUBECONFIG", r.join("etc/rancher/k3s/k3s.yaml"))
+            .env("NK3_KUBECONFIG", &self.kubeconfig)
+            .env("NK3_K3S_DATA_DIR", r.join("var/lib/rancher/k3s"))
             .env("NK3_FAKE_ROOT", r)
             .env("NK3_SIM_SUPERVISED", "1")
             .env("NK3_POLL_INTERVAL", "2s")
@@ -258,6 +268,33 @@ impl Machine {
         std::fs::write(self.root.join("boot_id"), new_boot_id())?;
         Ok(!system.join("k3s-broken").exists())
     }
+}
+
+/// `nk3-agent credentials` for an agent-role machine, as an operator runs it on a server,
+/// installed where the machine's agent reads it.
+fn agent_credentials(api: &Api, m: &Machine, base: &Path) -> anyhow::Result<()> {
+    let (admin, url) = match api {
+        Api::Real(c) => (c.admin_kubeconfig(), c.url()),
+        Api::StandIn(_) => bail!("--agents needs the real control plane (RBAC, service accounts)"),
+    };
+    let file = base.join("admin.kubeconfig");
+    std::fs::write(&file, admin)?;
+    let o = Command::new(agent_binary()?)
+        .arg("credentials")
+        .arg(&m.host)
+        .args(["--server", &url, "--kubeconfig"])
+        .arg(&file)
+        .arg("--out")
+        .arg(&m.kubeconfig)
+        .output()?;
+    if !o.status.success() {
+        bail!(
+            "nk3-agent credentials {}: {}",
+            m.host,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(())
 }
 
 fn new_boot_id() -> String {
@@ -353,7 +390,7 @@ fn simulate() -> anyhow::Result<bool> {
     git(&work, &["checkout", "-q", "-b", "main"])?;
     push(
         &work,
-        &inventory(args.nodes, args.max_unavailable, ""),
+        &inventory(args.nodes, args.agents, args.max_unavailable, ""),
         "the cluster",
     )?;
     // The repository is served by git daemon on loopback, as a real git server would be.
@@ -387,8 +424,11 @@ fn simulate() -> anyhow::Result<bool> {
     // then k3s "starts": the Node appears Ready and the kubeconfig is written.
     let started = Instant::now();
     let mut machines = Vec::new();
+    if args.agents >= args.nodes {
+        bail!("--agents must leave at least one server");
+    }
     for i in 0..args.nodes {
-        let m = Machine::new(base, i)?;
+        let mut m = Machine::new(base, i)?;
         for _ in 0..2 {
             let o = m
                 .command(&repo, &["run", "--once"])
@@ -402,9 +442,19 @@ fn simulate() -> anyhow::Result<bool> {
                 );
             }
         }
-        let k = m.root.join("etc/rancher/k3s/k3s.yaml");
-        std::fs::create_dir_all(k.parent().expect("parent"))?;
-        std::fs::write(&k, api.kubeconfig(&m.host))?;
+        // k3s joined: the kubelet's certificate a server signed lands in its data
+        // directory; a server also writes the admin kubeconfig, an agent node gets nk3's.
+        let data = m.root.join("var/lib/rancher/k3s/agent");
+        std::fs::create_dir_all(&data)?;
+        std::fs::write(data.join("client-kubelet.crt"), "certificate\n")?;
+        if i >= args.nodes - args.agents {
+            m.kubeconfig = m.root.join("var/lib/nk3-agent/kubeconfig");
+            agent_credentials(&api, &m, base)?;
+        } else {
+            let k = &m.kubeconfig;
+            std::fs::create_dir_all(k.parent().expect("parent"))?;
+            std::fs::write(k, api.kubeconfig(&m.host))?;
+        }
         api.add_node(&m.host, &m.root.join("boot_id"));
         machines.push(m);
     }
@@ -486,6 +536,7 @@ fn simulate() -> anyhow::Result<bool> {
         &work,
         &inventory_with(
             args.nodes,
+            args.agents,
             args.max_unavailable,
             &extra,
             initiator,
@@ -524,6 +575,7 @@ fn simulate() -> anyhow::Result<bool> {
 
     // Play systemd and the hardware until every node settles.
     let reboots: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
+    let mut downs: Vec<(usize, SystemTime)> = Vec::new();
     let deadline = Instant::now() + args.timeout;
     let mut converged = true;
     let mut kill_pending = args.kill_in.clone();
@@ -613,6 +665,7 @@ fn simulate() -> anyhow::Result<bool> {
                     &work,
                     &inventory_with(
                         args.nodes,
+                        args.agents,
                         args.max_unavailable,
                         &extra,
                         initiator,
@@ -668,7 +721,11 @@ fn simulate() -> anyhow::Result<bool> {
                         );
                     }
                 }
-                if m.root.join("reboot-requested").exists() {
+                let asked = m.root.join("reboot-requested");
+                if asked.exists() {
+                    // The moment the agent asked systemd to reboot the machine.
+                    let at = std::fs::metadata(&asked)?.modified()?;
+                    downs.push((i, at));
                     api.machine_up(&m.host, false);
                     reboots
                         .lock()
@@ -724,6 +781,7 @@ fn simulate() -> anyhow::Result<bool> {
                 &work,
                 &inventory_with(
                     args.nodes,
+                    args.agents,
                     args.max_unavailable,
                     &more,
                     initiator,
@@ -809,6 +867,43 @@ fn simulate() -> anyhow::Result<bool> {
         );
     }
     let most = max_cordoned(&writes);
+    // No machine reboots unless it holds a rollout lease at that moment.
+    let outside: Vec<String> = downs
+        .iter()
+        .filter(|(i, at)| !holders_at(&writes, *at).contains(&machines[*i].host))
+        .map(|(i, _)| machines[*i].label.clone())
+        .collect();
+    println!();
+    println!(
+        "{} reboot(s), {} of them without the rebooting node holding a rollout lease{}",
+        downs.len(),
+        outside.len(),
+        if outside.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", outside.join(", "))
+        }
+    );
+    let mut agents_ok = true;
+    if args.agents > 0 {
+        let mut done = 0;
+        for m in &machines[args.nodes - args.agents..] {
+            let sa = format!("system:serviceaccount:kube-system:nk3-agent-{}", m.host);
+            let by = |f: &dyn Fn(&api::Write) -> bool| writes.iter().any(|w| w.user == sa && f(w));
+            let drained =
+                by(&|w| w.resource == "nodes" && w.object["spec"]["unschedulable"] == true);
+            let verified = by(&|w| w.resource == "events" && w.object["reason"] == "Ready");
+            if drained && verified {
+                done += 1;
+            }
+        }
+        let refused = api.refused_for("system:serviceaccount:kube-system:nk3-agent-");
+        println!(
+            "agent-role nodes: {done} of {} drained and verified with their own credentials; {refused} request(s) of theirs refused (403)",
+            args.agents
+        );
+        agents_ok = refused == 0 && (done == args.agents || args.broken || args.change != "every");
+    }
     let held: Duration = machines.iter().map(|m| lease_time(&writes, &m.host)).sum();
     println!();
     println!(
@@ -828,7 +923,20 @@ fn simulate() -> anyhow::Result<bool> {
         // caught (a change that disrupts few nodes, say).
         println!("note: no agent was seen in phase {phase}, so none was killed");
     }
-    Ok(converged && most <= args.max_unavailable as usize)
+    Ok(converged && most <= args.max_unavailable as usize && outside.is_empty() && agents_ok)
+}
+
+/// Who held each rollout lease at `at`, from the API's write log.
+fn holders_at(writes: &[api::Write], at: SystemTime) -> Vec<String> {
+    let mut held = std::collections::BTreeMap::new();
+    for w in writes
+        .iter()
+        .filter(|w| w.resource == "leases" && w.namespace == "kube-system" && w.at <= at)
+    {
+        let holder = w.object["spec"]["holderIdentity"].as_str().unwrap_or("");
+        held.insert(w.name.clone(), holder.to_string());
+    }
+    held.into_values().filter(|h| !h.is_empty()).collect()
 }
 
 /// CPU time (user + system) a process has used so far.

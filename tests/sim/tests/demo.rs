@@ -35,6 +35,27 @@ fn a_rolling_update_reaches_every_node_one_at_a_time() {
 }
 
 #[test]
+fn servers_and_agents_roll_one_node_at_a_time_the_agents_with_their_own_credentials() {
+    let (ok, text) = sim(&["--nodes", "5", "--agents", "2"]);
+    assert!(ok, "{text}");
+    let rows = rows(&text);
+    assert_eq!(rows.len(), 5, "{text}");
+    assert!(rows.iter().all(|r| r.ends_with("applied")), "{text}");
+    assert!(
+        text.contains("5 reboot(s), 0 of them without the rebooting node holding a rollout lease"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agent-role nodes: 2 of 2 drained and verified with their own credentials; 0 request(s) of theirs refused"),
+        "{text}"
+    );
+    assert!(
+        text.contains("at most 1 node(s) cordoned at once"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_broken_generation_is_rolled_back_and_halted_for_everyone() {
     let (ok, text) = sim(&["--broken"]);
     assert!(ok, "{text}");
