@@ -67,6 +67,11 @@ in
     # Operators run `nk3-agent status` and `nk3-agent plan` on the node.
     environment.systemPackages = [ cfg.package ];
 
+    # The port is what follows the address's last colon (`[::]:9469` too).
+    networking = lib.mkIf (cfg.metrics.enable && cfg.metrics.openFirewall) {
+      firewall.allowedTCPPorts = [ (lib.toInt (lib.last (lib.splitString ":" cfg.metrics.address))) ];
+    };
+
     systemd.services.nk3-agent = {
       description = "nk3-agent: keeps this node in the state its git repository declares";
       documentation = [ "https://github.com/nk3/nk3#readme" ];

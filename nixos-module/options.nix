@@ -128,6 +128,11 @@ in
         default = "127.0.0.1:9469";
         description = "Address and port the metrics endpoint listens on.";
       };
+      openFirewall = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Open the metrics port in the firewall (for a Prometheus elsewhere; set `address` to one it reaches, e.g. `0.0.0.0:9469`).";
+      };
     };
 
     settings = mkOption {

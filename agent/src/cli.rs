@@ -81,9 +81,20 @@ pub struct RenderArgs {
     /// Default gateway for nodes whose entry has none (on a node, the agent detects it).
     #[arg(long, value_name = "IP")]
     pub default_gateway: Option<std::net::IpAddr>,
+    /// `system.stateVersion` for an inventory without `state_version` (on a node, read from
+    /// the configuration.nix in --nixos-dir, as the agent does).
+    #[arg(long, value_name = "RELEASE", env = env_vars::NK3_STATE_VERSION, value_parser = state_version)]
+    pub state_version: Option<String>,
+    /// Where the node's configuration.nix is (for its stateVersion, on a node).
+    #[arg(long, value_name = "DIR", env = env_vars::NK3_NIXOS_DIR, default_value = "/etc/nixos")]
+    pub nixos_dir: PathBuf,
     /// How this machine is recognised and what its default route is.
     #[command(flatten)]
     pub machine: MachineArgs,
+}
+
+fn state_version(s: &str) -> Result<String, String> {
+    nk3_common::check::state_version(s).map(|()| s.to_string())
 }
 
 /// Where the agent reads facts about the machine it runs on.

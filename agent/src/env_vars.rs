@@ -25,6 +25,8 @@ pub const NK3_NIXOS_DIR: &str = "NK3_NIXOS_DIR";
 pub const NK3_KUBECONFIG: &str = "NK3_KUBECONFIG";
 /// k3s's data directory: what k3s leaves there tells whether it joined a cluster here.
 pub const NK3_K3S_DATA_DIR: &str = "NK3_K3S_DATA_DIR";
+/// `render`: the `system.stateVersion` for an inventory that sets none.
+pub const NK3_STATE_VERSION: &str = "NK3_STATE_VERSION";
 /// The nixos-rebuild command.
 pub const NK3_NIXOS_REBUILD: &str = "NK3_NIXOS_REBUILD";
 /// The systemctl command.

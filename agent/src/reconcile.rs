@@ -294,6 +294,10 @@ impl Agent {
     }
 
     fn identified(&mut self, t: &Target) {
+        // Before the file is replaced: the release the machine was installed with.
+        if self.state.state_version.is_none() {
+            self.state.state_version = self.machine_state_version();
+        }
         self.state.lease_slots = Some(t.rollout.max_unavailable);
         self.state.node = Some(t.node.clone());
         self.state.host = Some(t.host.clone());
@@ -463,6 +467,21 @@ impl Agent {
                 return Ok(Decision::AlreadyRejected(r.clone()));
             }
         }
+        // The join address itself, fresh, with nobody to start the cluster: its k3s would
+        // wait to join itself forever. (A fresh node joining a running cluster that an
+        // inventory without an initiator adopted is fine: that cluster answers.)
+        if !inv.nodes.iter().any(|n| n.initiator)
+            && node.ip == inv.join_address
+            && !self.settings.kubeconfig.exists()
+            && machine::k3s_joined(&self.settings.k3s_data_dir).is_none()
+        {
+            return Ok(Decision::BadInventory {
+                problems: vec![format!(
+                    "{label}: no node is `initiator: true`, and k3s has not joined a cluster on {} yet, the join address {}: there is no cluster for it to join, so it would wait for itself forever; mark the node that starts a new cluster `initiator: true` (an inventory adopting a running cluster needs none)",
+                    node.key, inv.join_address
+                )],
+            });
+        }
         let rendered = self.render(repo, commit, &inv, node)?;
         let target = Target {
             commit: commit.to_string(),
@@ -550,7 +569,10 @@ impl Agent {
                 Template::custom(rel, &String::from_utf8_lossy(&bytes))?
             }
         };
-        let mut facts = HostFacts::default();
+        let mut facts = HostFacts {
+            state_version: self.machine_state_version(),
+            ..HostFacts::default()
+        };
         if node.interface.is_none()
             || node.default_gateway.is_none() && inv.default_gateway.is_none()
         {
@@ -577,6 +599,16 @@ impl Agent {
             facts,
         };
         Ok(template.render(inv, node, &opts)?)
+    }
+
+    /// The `system.stateVersion` this machine was installed with: remembered, else read from
+    /// the configuration.nix on disk (the installer's, before the first pass replaces it).
+    fn machine_state_version(&self) -> Option<String> {
+        self.state.state_version.clone().or_else(|| {
+            std::fs::read_to_string(&self.nixos.config)
+                .ok()
+                .and_then(|t| render::state_version_in(&t))
+        })
     }
 
     /// Whether this pass builds with `--upgrade`: the channel changed, or `upgrade_every`

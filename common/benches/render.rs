@@ -31,7 +31,10 @@ fn bench(c: &mut Criterion) {
             commit: "0".repeat(40),
         },
         token_file: DEFAULT_TOKEN_FILE.into(),
-        facts: HostFacts::default(),
+        facts: HostFacts {
+            state_version: Some("23.11".into()),
+            ..HostFacts::default()
+        },
     };
     c.bench_function("load+validate+render 1 of 5000 nodes", |b| {
         b.iter(|| {

@@ -195,20 +195,22 @@ pub fn namespace(s: &str) -> Result<(), String> {
 
 /// One k3s command-line flag.
 pub fn k3s_flag(s: &str) -> Result<(), String> {
+    // Messages name the flag, never its value: a value may be a secret.
+    let name = s.split_once('=').map_or(s, |(n, _)| n);
+    let name: String = name.chars().take(60).collect();
     if !s.starts_with('-') {
-        return Err(format!(
-            "`{s}` is not a flag; k3s flags start with `-` (e.g. `--disable=traefik`)"
-        ));
+        return Err(
+            "this is not a flag: k3s flags start with `-` (e.g. `--disable=traefik`); in a `[…]` list a comma splits a value, so quote a flag whose value has one".into(),
+        );
     }
     if s.chars().any(char::is_whitespace) {
         return Err(format!(
-            "`{s}` contains white space; give each flag as its own list item, `--flag=value`"
+            "`{name}…` contains white space; give each flag as its own list item, `--flag=value`"
         ));
     }
-    let name = s.split_once('=').map_or(s, |(n, _)| n);
-    if matches!(name, "--token" | "-t" | "--agent-token") {
+    if matches!(name.as_str(), "--token" | "-t" | "--agent-token") {
         return Err(format!(
-            "`{s}` passes a token on the command line, where every user of the node can read it; use `join_token` or `join_token_file`"
+            "`{name}` passes a token on the command line, where every user of the node can read it; use `join_token` or `join_token_file`"
         ));
     }
     Ok(())

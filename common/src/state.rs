@@ -250,6 +250,9 @@ pub struct State {
     /// The rollout's `max_unavailable` at the last commit this node worked on: which lease
     /// slots `status --cluster` reads (by name, as an agent node's credentials allow).
     pub lease_slots: Option<u32>,
+    /// The `system.stateVersion` of the configuration.nix the agent first replaced (the
+    /// installer's), rendered when the inventory sets none.
+    pub state_version: Option<String>,
 }
 
 /// A rollout lease's holder record, as this agent saw it.
@@ -296,6 +299,7 @@ impl Default for State {
             drain_blocked: None,
             lease_seen: Default::default(),
             lease_slots: None,
+            state_version: None,
         }
     }
 }

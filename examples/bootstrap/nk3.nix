@@ -5,8 +5,13 @@
 { ... }:
 
 let
-  # Pin nk3 to a release; `nix flake` users import the flake's nixosModules.default instead.
-  nk3 = builtins.fetchTarball "https://github.com/nk3/nk3/archive/v0.1.0.tar.gz";
+  # Pin nk3 to a release, by its content: `nix-prefetch-url --unpack <url>` prints the hash
+  # (a wrong one fails the build and shows the right one, so nothing unpinned is ever used).
+  # `nix flake` users import the flake's nixosModules.default instead.
+  nk3 = builtins.fetchTarball {
+    url = "https://github.com/nk3/nk3/archive/v0.1.0.tar.gz";
+    sha256 = "0000000000000000000000000000000000000000000000000000";
+  };
 in
 {
   imports = [ "${nk3}/nixos-module" ];

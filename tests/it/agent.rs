@@ -74,9 +74,12 @@ fn first_pass_clones_renders_builds_and_switches() {
     );
     // The previous file is kept.
     assert_eq!(
-        std::fs::read_to_string(node.root.join("var/lib/nk3-agent/configuration.nix.previous"))
-            .unwrap(),
-        "# written by the installer\n{ ... }: { imports = [ ./hardware-configuration.nix ./nk3.nix ]; }\n"
+        std::fs::read_to_string(
+            node.root
+                .join("var/lib/nk3-agent/configuration.nix.previous")
+        )
+        .unwrap(),
+        crate::fixtures::INSTALLER_CONFIG
     );
     // The token file k3s reads: the token, mode 0600.
     let token = node.root.join("var/lib/nk3-agent/join-token");
@@ -887,4 +890,74 @@ fn run_check_prints_the_settings_a_service_would_run_with() {
     let bad = run(nk3().args(["run", "--check", "--repo", "x", "--poll-intervall", "5m"]));
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("--poll-interval"), "{}", stderr(&bad));
+}
+
+#[test]
+fn the_installers_state_version_is_kept_when_the_inventory_sets_none() {
+    let inv = inventory("");
+    let repo = Repo::with_inventory(&inv);
+    let node = Node::new(&repo.url(), "172.30.190.3");
+    node.pass_ok();
+    assert!(
+        node.config().contains("system.stateVersion = \"23.11\";"),
+        "{}",
+        node.config()
+    );
+    assert_eq!(node.state()["state_version"], "23.11", "remembered");
+    // Remembered, not re-read: a later commit keeps it even if the file on disk lost it.
+    std::fs::write(node.config_path(), "{ ... }: { }\n").unwrap();
+    node.pass_ok();
+    assert!(node.config().contains("system.stateVersion = \"23.11\";"));
+    // The inventory's own wins.
+    let head = repo.commit(
+        "inventory.yaml",
+        &inv.replace(
+            "  default_gateway: 172.30.190.1\n",
+            "  default_gateway: 172.30.190.1\n  state_version: \"24.05\"\n",
+        ),
+        "state_version",
+    );
+    node.pass_ok();
+    assert_eq!(node.state()["applied"], head.as_str());
+    assert!(node.config().contains("system.stateVersion = \"24.05\";"));
+}
+
+#[test]
+fn a_machine_without_a_state_version_keeps_its_configuration_and_is_told_why() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = Node::new(&repo.url(), "172.30.190.3");
+    let hand = "{ ... }: { imports = [ ./hardware-configuration.nix ./nk3.nix ]; }\n";
+    std::fs::write(node.config_path(), hand).unwrap();
+    let o = node.run_once();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no `state_version` in the inventory and none in the configuration.nix being replaced"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(node.config(), hand, "nothing replaced");
+    assert!(node.calls("nixos-rebuild").is_empty(), "nothing built");
+}
+
+#[test]
+fn a_fresh_join_address_without_an_initiator_is_refused_not_left_waiting_for_itself() {
+    let inv = inventory("").replace("      initiator: true\n", "      initiator: false\n");
+    let repo = Repo::with_inventory(&inv);
+    let node = Node::new(&repo.url(), "172.30.190.3");
+    let o = node.run_once();
+    assert!(!o.status.success());
+    let log = stderr(&o);
+    assert!(
+        log.contains("no node is `initiator: true`, and k3s has not joined a cluster on 172.30.190.3 yet"),
+        "{log}"
+    );
+    assert!(node.calls("nixos-rebuild").is_empty());
+    // Another fresh machine joins the (adopted, running) cluster at the join address.
+    let joiner = Node::new(&repo.url(), "172.30.190.4");
+    joiner.pass_ok();
+    // And validate says what an inventory without an initiator is for.
+    let file = node.root.join("inventory.yaml");
+    std::fs::write(&file, &inv).unwrap();
+    let out = stdout(&run(nk3().arg("validate").arg(&file)));
+    assert!(out.contains("note: no node is `initiator: true`"), "{out}");
 }

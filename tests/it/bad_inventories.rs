@@ -128,6 +128,17 @@ fn cases() -> Vec<Case> {
         case("flat-layout host variable that looks misspelt", flat("  10.0.0.3:\n    boot_device: /dev/sda\n    interfase: eth0\n"), Some(7), "`interfase` looks like a misspelling of `interface`"),
         case("node that is a list", seed(&[(14, "    10.0.0.5: [eth0]"), (15, ""), (16, ""), (17, "")]), Some(14), "expected a mapping of keys, found a list"),
         case("no nodes", "cluster:\n  join_address: 10.0.0.3\n  join_token: t\n  nodes: {}\n".into(), Some(4), "no nodes; list at least one node"),
+        case("server flag in k3s_extra_flags reaching an agent", format!("{}  k3s_extra_flags: [--disable=traefik]\n", seed(&[(15, "      initiator: false\n      role: agent")])), Some(19), "`--disable` is a k3s server flag; k3s_extra_flags go to every node, agent 10.0.0.5 too"),
+        case("server flag in k3s_agent_flags", format!("{SEED}  k3s_agent_flags:\n    - --node-label=pool=a\n    - --cluster-cidr=10.50.0.0/16\n"), Some(20), "`--cluster-cidr` is a k3s server flag; k3s_agent_flags go to agent-role nodes"),
+        case("server flag on an agent node", seed(&[(15, "      role: agent\n      k3s_extra_flags: [--write-kubeconfig-mode=0644]")]), Some(16), "`--write-kubeconfig-mode` is a k3s server flag, and node 10.0.0.5 has role agent"),
+        case("IPv6 nodes on k3s's default IPv4 pod network", "join_address: \"fd00::3\"\njoin_token: t\ndefault_gateway: \"fd00::1\"\nnodes:\n  \"fd00::3\": {initiator: true, interface: e, boot_device: /dev/sda}\n".into(), Some(5), "node fd00::3 has only IPv6 addresses but the pod network (--cluster-cidr, default 10.42.0.0/16) is IPv4"),
+        case("pod and service networks of different families", "join_address: \"fd00::3\"\njoin_token: t\ndefault_gateway: \"fd00::1\"\nk3s_server_flags: [--cluster-cidr=fd00:42::/56]\nnodes:\n  \"fd00::3\": {initiator: true, interface: e, boot_device: /dev/sda}\n".into(), Some(5), "the pod network (--cluster-cidr) is IPv6 but the service network (--service-cidr) IPv4"),
+        case("dual-stack pods, a node of one family", format!("{SEED}  k3s_server_flags: [\"--cluster-cidr=10.42.0.0/16,fd00:42::/56\", \"--service-cidr=10.43.0.0/16,fd00:43::/112\"]\n"), Some(6), "the cluster is dual-stack (--cluster-cidr has IPv4 and IPv6) but node 10.0.0.3 has only an IPv4 address"),
+        case("IPv4 resolver on an IPv6-only cluster", "join_address: \"fd00::3\"\njoin_token: t\ndefault_gateway: \"fd00::1\"\nnameservers: [1.1.1.1]\nk3s_server_flags: [--cluster-cidr=fd00:42::/56, --service-cidr=fd00:43::/112]\nnodes:\n  \"fd00::3\": {initiator: true, interface: e, boot_device: /dev/sda}\n".into(), Some(4), "nameserver 1.1.1.1 is IPv4 but no node has an IPv4 address"),
+        case("malformed pod network", format!("{SEED}  k3s_server_flags: [--cluster-cidr=10.42.0.0]\n"), Some(6), "`10.42.0.0` is not a CIDR"),
+        case("secondary address of the same family", seed(&[(9, "      boot_device: /dev/sda\n      secondary_ip: 10.0.0.33")]), Some(10), "secondary_ip 10.0.0.33 is of the same IP family as node 10.0.0.3"),
+        case("secondary gateway without an address", seed(&[(9, "      boot_device: /dev/sda\n      secondary_gateway: \"fd00::1\"")]), Some(10), "`secondary_gateway` without `secondary_ip`"),
+        case("unknown boot loader", seed(&[(9, "      boot_loader: lilo")]), Some(9), "`lilo` is not one of grub, grub-efi, systemd-boot"),
         case("empty file", "# nothing yet\n".into(), None, "the file is empty"),
         case("not YAML", "cluster: [\n  join_address: 10.0.0.3\n".into(), Some(3), "not valid YAML"),
     ]
@@ -203,6 +214,20 @@ fn all_problems_are_reported_in_one_run() {
 fn a_missing_nodes_key_is_reported_once() {
     let lines = errors("cluster:\n  join_address: 10.0.0.3\n  join_token: t\n").lines();
     assert_eq!(lines, ["inventory.yaml:1: cluster: missing `nodes`: a mapping from each node's IP address to its settings"]);
+}
+
+#[test]
+fn a_token_given_as_a_k3s_flag_is_refused_without_quoting_it() {
+    for flags in [
+        "[--token=s3cret-value]",
+        "[\"--token=s3cret value\"]",
+        "[s3cret-value]",
+    ] {
+        let text = format!("{SEED}  k3s_extra_flags: {flags}\n");
+        let all = errors(&text).to_string();
+        assert!(all.contains("inventory.yaml:18: "), "{all}");
+        assert!(!all.contains("s3cret"), "{all}");
+    }
 }
 
 #[test]

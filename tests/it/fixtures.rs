@@ -201,6 +201,10 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The configuration.nix the NixOS installer leaves, as far as nk3 cares: the imports an
+/// operator adds for nk3, and the release the machine was installed with.
+pub const INSTALLER_CONFIG: &str = "# written by the installer\n{ ... }: {\n  imports = [ ./hardware-configuration.nix ./nk3.nix ];\n  system.stateVersion = \"23.11\"; # Did you read the comment?\n}\n";
+
 /// A simulated node: a temporary root the agent works in.
 pub struct Node {
     _dir: tempfile::TempDir,
@@ -244,11 +248,7 @@ impl Node {
             "{ ... }: { }\n",
         )
         .unwrap();
-        std::fs::write(
-            root.join("etc/nixos/configuration.nix"),
-            "# written by the installer\n{ ... }: { imports = [ ./hardware-configuration.nix ./nk3.nix ]; }\n",
-        )
-        .unwrap();
+        std::fs::write(root.join("etc/nixos/configuration.nix"), INSTALLER_CONFIG).unwrap();
         Node {
             _dir: dir,
             root,

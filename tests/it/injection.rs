@@ -241,7 +241,10 @@ fn every_string_field_is_refused_or_read_back_exactly_by_nix() {
             commit: "c".into(),
         },
         token_file: "/var/lib/nk3-agent/join-token".into(),
-        facts: HostFacts::default(),
+        facts: HostFacts {
+            state_version: Some("23.11".into()),
+            ..HostFacts::default()
+        },
     };
     let probe = Template::custom("probe", PROBE).unwrap();
     let builtin = Template::builtin();

@@ -102,6 +102,25 @@ fn defaults_make_a_unit_that_survives_switches_and_reports_to_systemd() {
 }
 
 #[test]
+fn the_metrics_port_is_opened_only_when_asked() {
+    let closed =
+        eval(r#"{ enable = true; repository = "ssh://h/r"; metrics.enable = true; }"#).unwrap();
+    assert!(
+        closed["config"]["networking"]["firewall"].is_null(),
+        "{}",
+        closed["config"]
+    );
+    let open = eval(
+        r#"{ enable = true; repository = "ssh://h/r"; metrics = { enable = true; address = "[::]:9100"; openFirewall = true; }; }"#,
+    )
+    .unwrap();
+    assert_eq!(
+        open["config"]["networking"]["firewall"]["allowedTCPPorts"],
+        serde_json::json!([9100])
+    );
+}
+
+#[test]
 fn every_option_reaches_the_agent_as_the_flag_it_accepts() {
     let v = eval(
         r#"{

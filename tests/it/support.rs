@@ -21,6 +21,9 @@ pub fn nk3() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_nk3-agent"));
     c.current_dir(root());
     c.env_remove("NK3_NODE").env_remove("NK3_STATE_DIR");
+    // The release the test machines were installed with (`fixtures::INSTALLER_CONFIG`), for
+    // inventories that set none, as the original tool's do.
+    c.env("NK3_STATE_VERSION", "23.11");
     c
 }
 
@@ -47,10 +50,12 @@ pub struct Example {
 }
 
 pub const EXAMPLES: &[Example] = &[
+    // The original tool's inventories set no stateVersion: on a node it comes from the
+    // configuration.nix being replaced, here from the command line.
     Example {
         name: "seed",
         inventory: "examples/inventory.yaml",
-        facts: &[],
+        facts: &["--state-version", "23.11"],
     },
     Example {
         name: "flat",
@@ -60,6 +65,8 @@ pub const EXAMPLES: &[Example] = &[
             "enp3s0f0",
             "--default-gateway",
             "172.30.190.1",
+            "--state-version",
+            "23.11",
         ],
     },
     Example {
@@ -70,6 +77,16 @@ pub const EXAMPLES: &[Example] = &[
     Example {
         name: "ipv6",
         inventory: "examples/ipv6/inventory.yaml",
+        facts: &[],
+    },
+    Example {
+        name: "dual-stack",
+        inventory: "examples/dual-stack/inventory.yaml",
+        facts: &[],
+    },
+    Example {
+        name: "agents",
+        inventory: "examples/agents/inventory.yaml",
         facts: &[],
     },
 ];

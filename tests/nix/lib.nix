@@ -52,4 +52,7 @@ rec {
   replaceStrings = builtins.replaceStrings;
   getExe = pkg: "${pkg}/bin/${pkg.meta.mainProgram}";
   escapeShellArgs = args: builtins.concatStringsSep " " (map escapeShellArg args);
+  last = l: builtins.elemAt l (builtins.length l - 1);
+  splitString = sep: s: builtins.filter builtins.isString (builtins.split (builtins.replaceStrings [ "." ":" ] [ "\\." ":" ] sep) s);
+  toInt = s: let n = builtins.fromJSON s; in if builtins.isInt n then n else throw "toInt: ${s} is not an integer";
 }

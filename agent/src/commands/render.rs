@@ -30,6 +30,7 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<ExitCode> {
         facts: HostFacts {
             interface: args.interface.clone(),
             default_gateway: args.default_gateway,
+            state_version: args.state_version.clone(),
         },
     };
     let repo_root = args.inventory.parent().unwrap_or(Path::new("."));
@@ -53,6 +54,13 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<ExitCode> {
             if let Some(route) = route {
                 opts.facts.interface = opts.facts.interface.or(Some(route.interface));
                 opts.facts.default_gateway = opts.facts.default_gateway.or(Some(route.gateway));
+            }
+            // And the release it was installed with, from the file a switch would replace.
+            if opts.facts.state_version.is_none() {
+                opts.facts.state_version =
+                    std::fs::read_to_string(args.nixos_dir.join("configuration.nix"))
+                        .ok()
+                        .and_then(|t| nk3_common::render::state_version_in(&t));
             }
         }
         vec![n]

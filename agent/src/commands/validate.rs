@@ -30,6 +30,12 @@ pub fn run(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
         }
         println!("  {:width$}  {}  {}", n.key, n.hostname, notes.join(", "));
     }
+    if !inv.nodes.iter().any(|n| n.initiator) {
+        println!(
+            "note: no node is `initiator: true`: right for an inventory adopting a running cluster, but a new cluster never forms (the node at the join address {} would wait to join itself; its agent refuses such a commit)",
+            inv.join_address
+        );
+    }
     let agents = inv
         .nodes
         .iter()

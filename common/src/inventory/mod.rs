@@ -49,6 +49,9 @@ pub enum BootLoader {
     Grub,
     /// systemd-boot on the EFI system partition; `boot_device` is not used.
     SystemdBoot,
+    /// GRUB for EFI machines, on the EFI system partition (`boot.loader.grub.device =
+    /// "nodev"`); `boot_device` is not used.
+    GrubEfi,
 }
 
 /// When a node reboots after switching to a new generation.
@@ -227,12 +230,26 @@ pub struct Node {
     pub prefix_length: u8,
     /// The machine's SMBIOS product UUID, for identifying it.
     pub uuid: Option<uuid::Uuid>,
-    /// The cluster's extra k3s flags followed by the node's own.
+    /// The node's k3s flags beyond those nk3 sets: the cluster's `k3s_extra_flags`, then
+    /// `k3s_server_flags` or `k3s_agent_flags` by role, then the node's own.
     pub k3s_extra_flags: Vec<String>,
+    /// A second address of the other IP family, for dual-stack clusters.
+    pub secondary: Option<Secondary>,
     /// A template path inside the repository (node's own, else the cluster's).
     pub template: Option<String>,
     /// Free template values: the cluster's `vars`, overlaid with the node's.
     pub vars: Vars,
+}
+
+/// A node's address of its second IP family (dual-stack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Secondary {
+    /// The address.
+    pub ip: IpAddr,
+    /// Its prefix length (default 64 for IPv6, 24 for IPv4).
+    pub prefix_length: u8,
+    /// The default gateway of that family, if any.
+    pub gateway: Option<IpAddr>,
 }
 
 /// A validated inventory.
@@ -266,6 +283,9 @@ pub struct Inventory {
 
 /// Default DNS servers when the inventory names none.
 pub const DEFAULT_NAMESERVERS: [&str; 2] = ["1.1.1.1", "8.8.8.8"];
+
+/// The same resolvers' IPv6 addresses, the default when no node has an IPv4 address.
+pub const DEFAULT_NAMESERVERS6: [&str; 2] = ["2606:4700:4700::1111", "2001:4860:4860::8888"];
 
 impl Inventory {
     /// The node whose key, address or hostname is `id`.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{
     BootLoader, Ceph, Diagnostic, Diagnostics, HealthCheck, Inventory, Layout, Node, RebootPolicy,
-    Role, Rollout, Secret, Vars, DEFAULT_NAMESERVERS,
+    Role, Rollout, Secondary, Secret, Vars, DEFAULT_NAMESERVERS, DEFAULT_NAMESERVERS6,
 };
 use crate::check;
 use crate::yaml::{locate, Path, Yaml};
@@ -28,6 +28,8 @@ pub(super) const CLUSTER_KEYS: &[&str] = &[
     "ssh_authorized_keys",
     "state_version",
     "k3s_extra_flags",
+    "k3s_server_flags",
+    "k3s_agent_flags",
     "boot_loader",
     "template",
     "vars",
@@ -44,6 +46,9 @@ const NODE_KEYS: &[&str] = &[
     "uuid",
     "default_gateway",
     "prefix_length",
+    "secondary_ip",
+    "secondary_prefix_length",
+    "secondary_gateway",
     "k3s_extra_flags",
     "template",
     "vars",
@@ -148,13 +153,9 @@ impl Reader<'_> {
             .get("prefix_length")
             .and_then(|v| self.uint(v, &base.key("prefix_length"), 1, 128))
             .map(|n| n as u8);
-        let nameservers = match f.get("nameservers") {
-            Some(v) => self.list(v, &base.key("nameservers"), |r, v, at| r.ip(v, at)),
-            None => DEFAULT_NAMESERVERS
-                .iter()
-                .map(|s| s.parse().expect("valid"))
-                .collect(),
-        };
+        let nameservers = f
+            .get("nameservers")
+            .map(|v| self.list(v, &base.key("nameservers"), |r, v, at| r.ip(v, at)));
         let ssh_authorized_keys = f.get("ssh_authorized_keys").map_or_else(Vec::new, |v| {
             self.list(v, &base.key("ssh_authorized_keys"), |r, v, at| {
                 r.checked(v, at, check::ssh_public_key)
@@ -171,9 +172,13 @@ impl Reader<'_> {
                 r.checked(v, at, check::namespace)
             })
         });
-        let k3s_extra_flags = f
-            .get("k3s_extra_flags")
-            .map_or_else(Vec::new, |v| self.flags(v, &base.key("k3s_extra_flags")));
+        let flags_of = |r: &mut Self, key: &str| {
+            f.get(key)
+                .map_or_else(Vec::new, |v| r.flags(v, &base.key(key)))
+        };
+        let k3s_extra_flags = flags_of(self, "k3s_extra_flags");
+        let k3s_server_flags = flags_of(self, "k3s_server_flags");
+        let k3s_agent_flags = flags_of(self, "k3s_agent_flags");
         let boot_loader = f
             .get("boot_loader")
             .and_then(|v| self.boot_loader(v, &base.key("boot_loader")));
@@ -192,6 +197,8 @@ impl Reader<'_> {
             prefix_length,
             boot_loader: boot_loader.unwrap_or(BootLoader::Grub),
             k3s_extra_flags: &k3s_extra_flags,
+            k3s_server_flags: &k3s_server_flags,
+            k3s_agent_flags: &k3s_agent_flags,
             template: template.as_deref(),
             vars: &vars,
             layout,
@@ -206,6 +213,20 @@ impl Reader<'_> {
                 Vec::new()
             }
         };
+        self.server_flags_on_agents(base, f, &nodes);
+        // No resolvers given: public ones of a family the nodes have.
+        let nameservers = nameservers.unwrap_or_else(|| {
+            let v4 = nodes.is_empty()
+                || nodes
+                    .iter()
+                    .any(|n| n.ip.is_ipv4() || n.secondary.is_some_and(|s| s.ip.is_ipv4()));
+            let defaults: &[&str] = if v4 {
+                &DEFAULT_NAMESERVERS
+            } else {
+                &DEFAULT_NAMESERVERS6
+            };
+            defaults.iter().map(|s| s.parse().expect("valid")).collect()
+        });
         Some(Inventory {
             layout,
             join_address: join_address?,
@@ -289,8 +310,42 @@ impl Reader<'_> {
                 _ => 24,
             });
         let mut k3s_extra_flags = d.k3s_extra_flags.to_vec();
+        k3s_extra_flags.extend_from_slice(match role {
+            Role::Server => d.k3s_server_flags,
+            Role::Agent => d.k3s_agent_flags,
+        });
         if let Some(v) = f.get("k3s_extra_flags") {
-            k3s_extra_flags.extend(self.flags(v, &at.key("k3s_extra_flags")));
+            let own = self.flags(v, &at.key("k3s_extra_flags"));
+            if role == Role::Agent {
+                for (i, flag) in own.iter().enumerate() {
+                    if let Some(why) = server_only(flag) {
+                        let at = match v {
+                            Yaml::Seq(_) => at.key("k3s_extra_flags").index(i),
+                            _ => at.key("k3s_extra_flags"),
+                        };
+                        self.err(&at, format!("{why}, and node {key} has role agent, which k3s would not start with; give it to servers only"));
+                    }
+                }
+            }
+            k3s_extra_flags.extend(own);
+        }
+        let secondary_ip = f
+            .get("secondary_ip")
+            .and_then(|v| self.ip(v, &at.key("secondary_ip")));
+        let secondary = secondary_ip.map(|sip| Secondary {
+            ip: sip,
+            prefix_length: f
+                .get("secondary_prefix_length")
+                .and_then(|v| self.uint(v, &at.key("secondary_prefix_length"), 1, 128))
+                .map_or(if sip.is_ipv6() { 64 } else { 24 }, |n| n as u8),
+            gateway: f
+                .get("secondary_gateway")
+                .and_then(|v| self.ip(v, &at.key("secondary_gateway"))),
+        });
+        for k in ["secondary_prefix_length", "secondary_gateway"] {
+            if secondary_ip.is_none() && f.contains_key(k) {
+                self.err(&at.key(k), format!("`{k}` without `secondary_ip`: there is no second address for it to describe"));
+            }
         }
         let template = match f.get("template") {
             Some(v) => self.checked(v, &at.key("template"), check::template_path),
@@ -322,9 +377,43 @@ impl Reader<'_> {
             prefix_length,
             uuid,
             k3s_extra_flags,
+            secondary,
             template,
             vars,
         })
+    }
+
+    /// A known k3s server flag in a list that reaches agent-role nodes: k3s agent refuses
+    /// it and never starts. Reported once, at the flag.
+    fn server_flags_on_agents(&mut self, base: &Path, f: &Entries<'_>, nodes: &[Node]) {
+        let agent = nodes.iter().find(|n| n.role == Role::Agent);
+        for (key, reaches) in [
+            ("k3s_extra_flags", agent.map(|a| a.key.as_str())),
+            ("k3s_agent_flags", Some("")),
+        ] {
+            let (Some(v), Some(who)) = (f.get(key), reaches) else {
+                continue;
+            };
+            let items: Vec<(Path, &Yaml)> = match v {
+                Yaml::Seq(items) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| (base.key(key).index(i), x))
+                    .collect(),
+                other => vec![(base.key(key), other)],
+            };
+            for (at, item) in items {
+                let Yaml::Str(flag) = item else { continue };
+                if let Some(why) = server_only(flag) {
+                    let whom = if key == "k3s_agent_flags" {
+                        "k3s_agent_flags go to agent-role nodes".to_string()
+                    } else {
+                        format!("k3s_extra_flags go to every node, agent {who} too")
+                    };
+                    self.err(&at, format!("{why}; {whom}, and k3s agent would not start with it; put it in `k3s_server_flags`"));
+                }
+            }
+        }
     }
 
     fn rollout(&mut self, v: &Yaml, at: &Path) -> Option<Rollout> {
@@ -670,6 +759,7 @@ impl Reader<'_> {
             at,
             &[
                 ("grub", BootLoader::Grub),
+                ("grub-efi", BootLoader::GrubEfi),
                 ("systemd-boot", BootLoader::SystemdBoot),
             ],
         )
@@ -737,9 +827,66 @@ struct NodeDefaults<'a> {
     prefix_length: Option<u8>,
     boot_loader: BootLoader,
     k3s_extra_flags: &'a [String],
+    k3s_server_flags: &'a [String],
+    k3s_agent_flags: &'a [String],
     template: Option<&'a str>,
     vars: &'a Vars,
     layout: Layout,
+}
+
+/// Flags only `k3s server` takes (k3s's `pkg/cli/cmds/server.go`; `k3s agent`'s are in
+/// `agent.go`, and `k3s agent --help` lists them): why `flag` is one, if it is.
+pub(crate) fn server_only(flag: &str) -> Option<String> {
+    let name = flag.split_once('=').map_or(flag, |(n, _)| n);
+    let bare = name.trim_start_matches('-');
+    const SERVER_ONLY: &[&str] = &[
+        "advertise-address",
+        "advertise-port",
+        "agent-token-file",
+        "bind-address",
+        "cluster-cidr",
+        "cluster-dns",
+        "cluster-domain",
+        "cluster-init",
+        "cluster-reset",
+        "cluster-reset-restore-path",
+        "datastore-cafile",
+        "datastore-certfile",
+        "datastore-endpoint",
+        "datastore-keyfile",
+        "default-local-storage-path",
+        "disable",
+        "disable-agent",
+        "disable-cloud-controller",
+        "disable-helm-controller",
+        "disable-kube-proxy",
+        "disable-network-policy",
+        "disable-scheduler",
+        "egress-selector-mode",
+        "embedded-registry",
+        "etcd-arg",
+        "flannel-backend",
+        "flannel-external-ip",
+        "flannel-ipv6-masq",
+        "helm-job-image",
+        "https-listen-port",
+        "kine-tls",
+        "kube-apiserver-arg",
+        "kube-cloud-controller-manager-arg",
+        "kube-controller-manager-arg",
+        "kube-scheduler-arg",
+        "secrets-encryption",
+        "service-cidr",
+        "service-node-port-range",
+        "servicelb-namespace",
+        "tls-san",
+        "tls-san-security",
+        "write-kubeconfig",
+        "write-kubeconfig-group",
+        "write-kubeconfig-mode",
+    ];
+    (name.starts_with("--") && (SERVER_ONLY.contains(&bare) || bare.starts_with("etcd-")))
+        .then(|| format!("`{name}` is a k3s server flag"))
 }
 
 /// The known key closest to `k`, if one is close enough to be a likely misspelling.

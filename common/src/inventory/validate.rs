@@ -26,6 +26,46 @@ pub(super) fn check(text: &str, inv: &Inventory, diags: &mut Diagnostics) {
         c.node(n);
     }
     c.quorum(inv);
+    c.families(inv);
+}
+
+/// IP families: bit 1 IPv4, bit 2 IPv6.
+fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        1
+    } else {
+        2
+    }
+}
+
+fn family_name(f: u8) -> &'static str {
+    match f {
+        1 => "IPv4",
+        2 => "IPv6",
+        _ => "IPv4 and IPv6",
+    }
+}
+
+/// The families of a `--cluster-cidr=`/`--service-cidr=` value in `flags` (`None`: not
+/// given, k3s's IPv4 default), and whether every part is a CIDR.
+fn cidr_families(flags: &[String], name: &str) -> Option<Result<u8, String>> {
+    let value = flags
+        .iter()
+        .rev()
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))?;
+    let mut fam = 0;
+    for part in value.split(',') {
+        let (ip, len) = part.split_once('/').unwrap_or((part, ""));
+        match (ip.parse::<IpAddr>(), len.parse::<u8>()) {
+            (Ok(ip), Ok(_)) => fam |= family(ip),
+            _ => {
+                return Some(Err(format!(
+                    "`{name}={value}`: `{part}` is not a CIDR (address/length)"
+                )))
+            }
+        }
+    }
+    Some(Ok(fam))
 }
 
 impl Checker<'_> {
@@ -161,10 +201,105 @@ impl Checker<'_> {
                 self.err(&gat, format!("default gateway {gw} is outside node {}'s subnet {}/{}; set the node's `prefix_length` or `default_gateway`", n.key, network(n.ip, n.prefix_length), n.prefix_length));
             }
         }
+        if let Some(sec) = n.secondary {
+            let sat = at.key("secondary_ip");
+            let smax = if sec.ip.is_ipv4() { 32 } else { 128 };
+            if sec.ip.is_ipv4() == n.ip.is_ipv4() {
+                self.err(&sat, format!("secondary_ip {} is of the same IP family as node {}; a second address is for the other family (dual-stack)", sec.ip, n.key));
+            } else if sec.prefix_length > smax {
+                self.err(
+                    &at.key("secondary_prefix_length"),
+                    format!(
+                        "prefix length {} is too long for {}; at most {smax}",
+                        sec.prefix_length, sec.ip
+                    ),
+                );
+            } else if let Some(gw) = sec.gateway {
+                let gat = at.key("secondary_gateway");
+                if gw.is_ipv4() != sec.ip.is_ipv4() {
+                    self.err(&gat, format!("secondary_gateway {gw} and secondary_ip {} are of different IP families", sec.ip));
+                } else if !same_subnet(sec.ip, gw, sec.prefix_length) {
+                    self.err(
+                        &gat,
+                        format!(
+                            "secondary_gateway {gw} is outside {}/{}",
+                            network(sec.ip, sec.prefix_length),
+                            sec.prefix_length
+                        ),
+                    );
+                }
+            }
+        }
         let bad_device = at.key("boot_device").to_string();
         let already_reported = self.diags.items.iter().any(|d| d.key == bad_device);
         if n.boot_loader == BootLoader::Grub && n.boot_device.is_none() && !already_reported {
             self.err(&at, format!("node {} boots with GRUB but has no `boot_device`; set `boot_device: /dev/…`, or `boot_loader: systemd-boot` for EFI", n.key));
+        }
+    }
+
+    /// The IP families of the nodes, the pod and service networks and the resolvers agree,
+    /// as k3s requires: a node's `--node-ip` must share the pod network's IP version, and a
+    /// dual-stack cluster needs both families everywhere (docs.k3s.io, "Dual-stack" and
+    /// "Single-stack IPv6" networking).
+    fn families(&mut self, inv: &Inventory) {
+        let mut nets: Vec<(&str, u8, &Node)> = Vec::new();
+        for n in inv.nodes.iter().filter(|n| n.role == Role::Server) {
+            for name in ["--cluster-cidr", "--service-cidr"] {
+                match cidr_families(&n.k3s_extra_flags, name) {
+                    None => nets.push((name, 1, n)),
+                    Some(Ok(f)) => nets.push((name, f, n)),
+                    Some(Err(m)) => {
+                        let at = self.node_path(n);
+                        self.err(&at, m);
+                    }
+                }
+            }
+        }
+        let pick = |name: &str| nets.iter().find(|(k, _, _)| *k == name).copied();
+        for name in ["--cluster-cidr", "--service-cidr"] {
+            let Some((_, first, by)) = pick(name) else {
+                continue;
+            };
+            for (_, f, n) in nets.iter().filter(|(k, f, _)| *k == name && *f != first) {
+                let at = self.node_path(n);
+                self.err(&at, format!("server {} has a {} {name} but server {} a {} one; every server must give k3s the same networks", n.key, family_name(*f), self.where_(by), family_name(first)));
+            }
+        }
+        let (Some((_, pods, _)), Some((_, services, _))) =
+            (pick("--cluster-cidr"), pick("--service-cidr"))
+        else {
+            return;
+        };
+        let hint = "set both in `k3s_server_flags`, e.g. `--cluster-cidr=fd00:42::/56` and `--service-cidr=fd00:43::/112` for IPv6 (with IPv4 ones before them for dual-stack)";
+        if pods != services {
+            let at = self.base.key("nodes");
+            self.err(&at, format!("the pod network (--cluster-cidr) is {} but the service network (--service-cidr) {}; k3s needs them of the same IP families: {hint}", family_name(pods), family_name(services)));
+        }
+        for n in &inv.nodes {
+            let mine = family(n.ip) | n.secondary.map_or(0, |s| family(s.ip));
+            let at = self.node_path(n);
+            if mine & pods == 0 {
+                self.err(&at, format!("node {} has only {} addresses but the pod network (--cluster-cidr, default 10.42.0.0/16) is {}; k3s refuses a node-ip and cluster-cidr of different IP versions: {hint}", n.key, family_name(mine), family_name(pods)));
+            } else if pods == 3 && mine != 3 {
+                self.err(&at, format!("the cluster is dual-stack (--cluster-cidr has IPv4 and IPv6) but node {} has only an {} address; give it `secondary_ip:` of the other family", n.key, family_name(mine)));
+            }
+        }
+        // A resolver of a family no node has is one no node can reach.
+        let all = inv.nodes.iter().fold(0, |acc, n| {
+            acc | family(n.ip) | n.secondary.map_or(0, |s| family(s.ip))
+        });
+        for (i, ns) in inv.nameservers.iter().enumerate() {
+            if family(*ns) & all == 0 {
+                let at = self.base.key("nameservers").index(i);
+                self.err(
+                    &at,
+                    format!(
+                        "nameserver {ns} is {} but no node has an {} address to reach it from",
+                        family_name(family(*ns)),
+                        family_name(family(*ns))
+                    ),
+                );
+            }
         }
     }
 

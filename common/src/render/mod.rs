@@ -37,6 +37,14 @@ pub enum RenderError {
         /// The `render` flag that supplies it.
         flag: &'static str,
     },
+    /// Neither the inventory nor the machine says which NixOS release the machine was
+    /// installed with; rendering without would let `system.stateVersion` move with every
+    /// upgrade, and stateful services migrate their data on it.
+    #[error("node {node}: no `state_version` in the inventory and none in the configuration.nix being replaced; set `state_version:` to the NixOS release the machines were installed with (the installer's `system.stateVersion`), or pass --state-version to render elsewhere")]
+    StateVersion {
+        /// The node's key.
+        node: String,
+    },
     /// The template inserts raw text somewhere.
     #[error("{template}:{line}: `{found}` inserts a value unquoted, which could turn inventory text into Nix code; use `{{{{value}}}}` (a Nix string) or `{{{{nix value}}}}` (any value)")]
     Unsafe {
@@ -81,6 +89,9 @@ pub struct HostFacts {
     pub interface: Option<String>,
     /// The default route's gateway.
     pub default_gateway: Option<IpAddr>,
+    /// The `system.stateVersion` the machine was installed with (read from the
+    /// configuration.nix being replaced, or remembered from it).
+    pub state_version: Option<String>,
 }
 
 /// Everything besides the inventory that a rendering depends on.
@@ -185,6 +196,20 @@ pub fn body(text: &str) -> &str {
     rest
 }
 
+/// The `system.stateVersion` a configuration.nix sets plainly (`system.stateVersion =
+/// "24.05";`, as the NixOS installer writes it, and as nk3 renders it), if it sets one.
+pub fn state_version_in(text: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim_start)
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let rest = l.strip_prefix("system.stateVersion")?.trim_start();
+            let rest = rest.strip_prefix('=')?.trim_start().strip_prefix('"')?;
+            let (v, _) = rest.split_once('"')?;
+            crate::check::state_version(v).ok().map(|()| v.to_string())
+        })
+}
+
 /// A repository URL without any `user:password@` part.
 ///
 /// Over HTTP(S) any user part goes (a token is often written as the user name); over SSH
@@ -261,7 +286,7 @@ struct ClusterView<'a> {
     token_file: &'a str,
     nameservers: Vec<String>,
     ssh_authorized_keys: &'a [String],
-    state_version: Option<&'a str>,
+    state_version: &'a str,
     nix_channel: Option<&'a str>,
     watch_namespaces: &'a [String],
     node_count: usize,
@@ -281,9 +306,19 @@ struct NodeView<'a> {
     systemd_boot: bool,
     boot_device: Option<&'a str>,
     uuid: Option<String>,
+    grub_efi: bool,
     k3s_flags: Vec<String>,
     firewall: Firewall,
+    secondary: Option<SecondaryView>,
     vars: &'a Vars,
+}
+
+#[derive(Serialize)]
+struct SecondaryView {
+    ip: String,
+    ipv6: bool,
+    prefix_length: u8,
+    gateway: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -292,19 +327,58 @@ struct Firewall {
     udp: Vec<u16>,
 }
 
-/// The ports k3s needs open on a node of `role` (k3s's documented inbound rules; flannel VXLAN).
-fn firewall(role: Role) -> Firewall {
-    match role {
-        // API server, embedded etcd (client and peer), kubelet.
-        Role::Server => Firewall {
-            tcp: vec![6443, 2379, 2380, 10250],
-            udp: vec![8472],
-        },
-        Role::Agent => Firewall {
-            tcp: vec![10250],
-            udp: vec![8472],
-        },
+/// The value of k3s flag `name` in `flags` (the last one given), if any.
+fn flag_value<'f>(flags: &'f [String], name: &str) -> Option<&'f str> {
+    flags.iter().rev().find_map(|f| {
+        let rest = f.strip_prefix(name)?;
+        match rest.strip_prefix('=') {
+            Some(v) => Some(v),
+            None if rest.is_empty() => Some("true"),
+            None => None,
+        }
+    })
+}
+
+/// The ports a node must open for k3s (docs.k3s.io, "Inbound Rules for K3s Nodes"): the
+/// API server and embedded etcd on servers, the kubelet everywhere, and what the cluster's
+/// flannel backend (`--flannel-backend` on the servers), embedded registry and etcd metrics
+/// need.
+fn firewall(inv: &Inventory, node: &Node) -> Firewall {
+    let server_flags: &[String] = inv
+        .nodes
+        .iter()
+        .find(|n| n.role == Role::Server)
+        .map_or(&[], |n| n.k3s_extra_flags.as_slice());
+    let (mut tcp, mut udp) = match node.role {
+        // API server (and supervisor), embedded etcd (client and peer), kubelet.
+        Role::Server => (vec![6443, 2379, 2380, 10250], vec![]),
+        Role::Agent => (vec![10250], vec![]),
+    };
+    let v4 = node.ip.is_ipv4() || node.secondary.is_some_and(|s| s.ip.is_ipv4());
+    let v6 = node.ip.is_ipv6() || node.secondary.is_some_and(|s| s.ip.is_ipv6());
+    match flag_value(server_flags, "--flannel-backend").unwrap_or("vxlan") {
+        "vxlan" => udp.push(8472),
+        "wireguard-native" => {
+            if v4 {
+                udp.push(51820);
+            }
+            if v6 {
+                udp.push(51821);
+            }
+        }
+        // host-gw routes pod traffic unencapsulated; none: another CNI says what it needs.
+        _ => {}
     }
+    if flag_value(server_flags, "--embedded-registry").is_some_and(|v| v != "false") {
+        // Spegel's peer-to-peer registry.
+        tcp.push(5001);
+    }
+    if node.role == Role::Server
+        && flag_value(server_flags, "--etcd-expose-metrics").is_some_and(|v| v != "false")
+    {
+        tcp.push(2381);
+    }
+    Firewall { tcp, udp }
 }
 
 fn context<'a>(
@@ -334,8 +408,19 @@ fn context<'a>(
         IpAddr::V4(a) => format!("https://{a}:6443"),
         IpAddr::V6(a) => format!("https://[{a}]:6443"),
     };
-    let mut k3s_flags = vec![format!("--node-ip={}", node.ip)];
+    let node_ip = match node.secondary {
+        Some(sec) => format!("--node-ip={},{}", node.ip, sec.ip),
+        None => format!("--node-ip={}", node.ip),
+    };
+    let mut k3s_flags = vec![node_ip];
     k3s_flags.extend(node.k3s_extra_flags.iter().cloned());
+    let state_version = inv
+        .state_version
+        .as_deref()
+        .or(opts.facts.state_version.as_deref())
+        .ok_or(RenderError::StateVersion {
+            node: node.key.clone(),
+        })?;
     Ok(Ctx {
         source: SourceView {
             repository: redact_url(&opts.source.repository),
@@ -347,7 +432,7 @@ fn context<'a>(
             token_file: &opts.token_file,
             nameservers: inv.nameservers.iter().map(ToString::to_string).collect(),
             ssh_authorized_keys: &inv.ssh_authorized_keys,
-            state_version: inv.state_version.as_deref(),
+            state_version,
             nix_channel: inv.nix_channel.as_deref(),
             watch_namespaces: &inv.watch_namespaces,
             node_count: inv.nodes.len(),
@@ -365,8 +450,15 @@ fn context<'a>(
             systemd_boot: node.boot_loader == BootLoader::SystemdBoot,
             boot_device: node.boot_device.as_deref(),
             uuid: node.uuid.map(|u| u.to_string()),
+            grub_efi: node.boot_loader == BootLoader::GrubEfi,
             k3s_flags,
-            firewall: firewall(node.role),
+            firewall: firewall(inv, node),
+            secondary: node.secondary.map(|s| SecondaryView {
+                ip: s.ip.to_string(),
+                ipv6: s.ip.is_ipv6(),
+                prefix_length: s.prefix_length,
+                gateway: s.gateway.map(|g| g.to_string()),
+            }),
             vars: &node.vars,
         },
     })
@@ -398,7 +490,7 @@ mod tests {
         .unwrap();
         let t = Template::custom(
             "t",
-            "{{#if node.uuid}}uuid{{else}}no uuid{{/if}}, {{nix node.boot_device}}, {{nix cluster.state_version}}",
+            "{{#if node.uuid}}uuid{{else}}no uuid{{/if}}, {{nix node.boot_device}}, {{nix node.secondary}}",
         )
         .unwrap();
         let opts = Options {
@@ -407,7 +499,10 @@ mod tests {
                 commit: "c".into(),
             },
             token_file: DEFAULT_TOKEN_FILE.into(),
-            facts: HostFacts::default(),
+            facts: HostFacts {
+                state_version: Some("23.11".into()),
+                ..HostFacts::default()
+            },
         };
         let out = t.render(&inv, &inv.nodes[0], &opts).unwrap();
         assert!(out.ends_with("no uuid, null, null"), "{out}");
@@ -427,7 +522,10 @@ mod tests {
                 commit: "one".into(),
             },
             token_file: DEFAULT_TOKEN_FILE.into(),
-            facts: HostFacts::default(),
+            facts: HostFacts {
+                state_version: Some("23.11".into()),
+                ..HostFacts::default()
+            },
         };
         let a = Template::builtin().render(&inv, n, &o).unwrap();
         o.source.commit = "another".into();
@@ -437,6 +535,85 @@ mod tests {
         assert!(body(&a).starts_with("{ config, lib, pkgs, ... }:"));
         let hand = "# my own notes\n{ }\n";
         assert_eq!(body(hand), hand);
+    }
+
+    fn ports(inv: &str, node: usize) -> (Vec<u16>, Vec<u16>) {
+        let inv = crate::inventory::load("i", inv).unwrap();
+        let f = firewall(&inv, &inv.nodes[node]);
+        (f.tcp, f.udp)
+    }
+
+    fn cluster(flags: &str, second: &str) -> String {
+        format!("join_address: 10.0.0.3\njoin_token: t\nk3s_server_flags: [{flags}]\nnodes:\n  10.0.0.3: {{ initiator: true, boot_device: /dev/sda{second} }}\n  10.0.0.4: {{ role: agent, boot_device: /dev/sda{second} }}\n")
+    }
+
+    #[test]
+    fn the_firewall_follows_the_flannel_backend_and_the_flags() {
+        assert_eq!(
+            ports(&cluster("", ""), 0),
+            (vec![6443, 2379, 2380, 10250], vec![8472])
+        );
+        assert_eq!(ports(&cluster("", ""), 1), (vec![10250], vec![8472]));
+        let wg = cluster("--flannel-backend=wireguard-native", "");
+        assert_eq!(
+            ports(&wg, 1),
+            (vec![10250], vec![51820]),
+            "agents follow the servers' backend"
+        );
+        let dual = cluster(
+            "--flannel-backend=wireguard-native, \"--cluster-cidr=10.42.0.0/16,fd00:42::/56\", \"--service-cidr=10.43.0.0/16,fd00:43::/112\"",
+            ", secondary_ip: \"fd00::3\"",
+        );
+        assert_eq!(ports(&dual, 0).1, vec![51820, 51821]);
+        assert_eq!(
+            ports(&cluster("--flannel-backend=host-gw", ""), 0).1,
+            Vec::<u16>::new()
+        );
+        assert_eq!(
+            ports(&cluster("--flannel-backend=none", ""), 1).1,
+            Vec::<u16>::new()
+        );
+        let extras = cluster("--embedded-registry, --etcd-expose-metrics", "");
+        assert_eq!(
+            ports(&extras, 0).0,
+            vec![6443, 2379, 2380, 10250, 5001, 2381]
+        );
+        assert_eq!(ports(&extras, 1).0, vec![10250, 5001]);
+        assert_eq!(
+            ports(&cluster("--embedded-registry=false", ""), 1).0,
+            vec![10250]
+        );
+    }
+
+    #[test]
+    fn the_installers_state_version_is_found() {
+        let installer = "{ config, ... }:\n{\n  # system.stateVersion = \"20.03\";\n  system.stateVersion = \"23.11\"; # Did you read the comment?\n}\n";
+        assert_eq!(state_version_in(installer).as_deref(), Some("23.11"));
+        assert_eq!(state_version_in("{ }: { }"), None);
+        assert_eq!(state_version_in("system.stateVersion = \"latest\";"), None);
+    }
+
+    #[test]
+    fn no_node_is_rendered_without_a_state_version() {
+        let inv = crate::inventory::load(
+            "i",
+            "join_address: 10.0.0.3\njoin_token: t\nnodes:\n  10.0.0.3: { interface: eth0, default_gateway: 10.0.0.1, boot_device: /dev/sda }\n",
+        )
+        .unwrap();
+        let mut o = Options {
+            source: Source {
+                repository: "r".into(),
+                commit: "c".into(),
+            },
+            token_file: DEFAULT_TOKEN_FILE.into(),
+            facts: HostFacts::default(),
+        };
+        let t = Template::builtin();
+        let e = t.render(&inv, &inv.nodes[0], &o).unwrap_err();
+        assert!(e.to_string().contains("no `state_version`"), "{e}");
+        o.facts.state_version = Some("22.11".into());
+        let out = t.render(&inv, &inv.nodes[0], &o).unwrap();
+        assert!(out.contains("system.stateVersion = \"22.11\";"), "{out}");
     }
 
     #[test]

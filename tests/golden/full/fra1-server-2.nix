@@ -38,6 +38,9 @@
     serverAddr = "https://10.20.0.10:6443";
     extraFlags = [ "--node-ip=10.20.0.11" "--kubelet-arg=max-pods=150" "--node-label=zone=b" ];
   };
+  # k3s starts once the token file is there (the agent writes it before it switches), rather
+  # than failing and restarting until it appears.
+  systemd.services.k3s.unitConfig.ConditionPathExists = "/var/lib/nk3-agent/join-token";
 
   nix.gc = {
     automatic = true;
@@ -45,5 +48,7 @@
     options = "--delete-older-than 30d";
   };
 
+  # The release the machine was installed with: stateful services keep their data format by
+  # it, so it stays put across upgrades.
   system.stateVersion = "24.05";
 }

@@ -14,7 +14,7 @@
     { address = "fd00:30::10"; prefixLength = 64; }
   ];
   networking.defaultGateway6 = { address = "fd00:30::1"; interface = "enp3s0"; };
-  networking.nameservers = [ "1.1.1.1" "8.8.8.8" ];
+  networking.nameservers = [ "2606:4700:4700::1111" "2001:4860:4860::8888" ];
   networking.firewall.enable = true;
   networking.firewall.allowedTCPPorts = [ 6443 2379 2380 10250 ];
   networking.firewall.allowedUDPPorts = [ 8472 ];
@@ -36,12 +36,19 @@
     # Written by nk3-agent (mode 0600); the token never enters the Nix store.
     tokenFile = "/var/lib/nk3-agent/join-token";
     clusterInit = true;
-    extraFlags = [ "--node-ip=fd00:30::10" ];
+    extraFlags = [ "--node-ip=fd00:30::10" "--cluster-cidr=fd00:42::/56" "--service-cidr=fd00:43::/112" "--flannel-ipv6-masq" ];
   };
+  # k3s starts once the token file is there (the agent writes it before it switches), rather
+  # than failing and restarting until it appears.
+  systemd.services.k3s.unitConfig.ConditionPathExists = "/var/lib/nk3-agent/join-token";
 
   nix.gc = {
     automatic = true;
     dates = "weekly";
     options = "--delete-older-than 30d";
   };
+
+  # The release the machine was installed with: stateful services keep their data format by
+  # it, so it stays put across upgrades.
+  system.stateVersion = "24.05";
 }

@@ -38,10 +38,17 @@
     serverAddr = "https://172.30.190.3:6443";
     extraFlags = [ "--node-ip=172.30.190.5" ];
   };
+  # k3s starts once the token file is there (the agent writes it before it switches), rather
+  # than failing and restarting until it appears.
+  systemd.services.k3s.unitConfig.ConditionPathExists = "/var/lib/nk3-agent/join-token";
 
   nix.gc = {
     automatic = true;
     dates = "weekly";
     options = "--delete-older-than 30d";
   };
+
+  # The release the machine was installed with: stateful services keep their data format by
+  # it, so it stays put across upgrades.
+  system.stateVersion = "23.11";
 }

@@ -205,7 +205,7 @@ impl Machine {
         std::fs::write(root.join("boot_id"), new_boot_id())?;
         std::fs::write(
             root.join("etc/nixos/configuration.nix"),
-            "{ ... }: { imports = [ ./hardware-configuration.nix ./nk3.nix ]; }\n",
+            "{ ... }: {\n  imports = [ ./hardware-configuration.nix ./nk3.nix ];\n  system.stateVersion = \"24.05\"; # Did you read the comment?\n}\n",
         )?;
         Ok(Machine {
             label: format!("node-{}", i + 1),
