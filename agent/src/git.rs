@@ -33,6 +33,9 @@ pub fn set_timeouts(timeout: std::time::Duration) {
     }
 }
 
+/// The largest file the agent reads from the repository (the inventory's own bound).
+pub const MAX_FILE: usize = nk3_common::yaml::MAX_BYTES;
+
 /// How to reach and trust the repository.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
@@ -42,6 +45,9 @@ pub struct Access {
     pub known_hosts: Option<PathBuf>,
     /// File holding an HTTPS token.
     pub token_file: Option<PathBuf>,
+    /// A password that was in the repository URL: used as the HTTPS credential, never kept
+    /// in the clone's config (set by [`Source::new`]).
+    pub url_password: Option<nk3_common::inventory::Secret>,
 }
 
 /// Who may sign the commits the agent applies.
@@ -105,9 +111,22 @@ pub enum Refusal {
 
 impl Source {
     /// A source for `url`'s `branch`, cloned into `dir` (created on first use).
-    pub fn new(url: &str, branch: &str, dir: &Path, access: Access) -> Source {
+    pub fn new(url: &str, branch: &str, dir: &Path, mut access: Access) -> Source {
+        // `https://user:password@host/…`: the clone's config (world-readable files in a
+        // directory that may not be) keeps `https://user@host/…`; the password is given to
+        // the server through the credential callback.
+        let mut url = url.to_string();
+        if let Some((scheme, rest)) = url.split_once("://") {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            if let Some((userinfo, host)) = authority.rsplit_once('@') {
+                if let Some((user, password)) = userinfo.split_once(':') {
+                    access.url_password = Some(nk3_common::inventory::Secret::new(password));
+                    url = format!("{scheme}://{user}@{host}{path}");
+                }
+            }
+        }
         Source {
-            url: url.to_string(),
+            url,
             branch: branch.to_string(),
             dir: dir.to_path_buf(),
             access,
@@ -281,6 +300,18 @@ impl Source {
             Err(e) if e.code() == git2::ErrorCode::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        if entry.kind() != Some(git2::ObjectType::Blob) {
+            return Err(anyhow!("{path} is not a file at commit {commit}"));
+        }
+        // The size from the object's header, before anything is inflated: a highly
+        // compressible blob of gigabytes is a few kilobytes in the pack.
+        let (size, _) = repo.odb()?.read_header(entry.id())?;
+        if size > MAX_FILE {
+            return Err(anyhow!(
+                "{path} at commit {} is {size} bytes; files nk3 reads (inventory, templates) may be at most {MAX_FILE} bytes",
+                &commit[..commit.len().min(12)]
+            ));
+        }
         let blob = entry
             .to_object(repo)?
             .into_blob()
@@ -315,6 +346,7 @@ impl Source {
             credentials(access, user, allowed)
         });
         if let Some(known) = access.known_hosts.clone() {
+            let port = ssh_port(&self.url);
             cb.certificate_check(move |cert, host| {
                 let Some(hostkey) = cert.as_hostkey().and_then(|k| k.hostkey()) else {
                     // Not an SSH host key: TLS certificates are checked by libgit2 itself.
@@ -323,7 +355,7 @@ impl Source {
                 let text = std::fs::read_to_string(&known).map_err(|e| {
                     git2::Error::from_str(&format!("cannot read {}: {e}", known.display()))
                 })?;
-                if known_hosts_allow(&text, host, hostkey) {
+                if known_hosts_allow(&text, host, port, hostkey) {
                     Ok(CertificateCheckStatus::CertificateOk)
                 } else {
                     Err(git2::Error::from_str(&format!(
@@ -363,6 +395,9 @@ fn credentials(
         }
     }
     if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+        if let (None, Some(password)) = (&access.token_file, &access.url_password) {
+            return Cred::userpass_plaintext(user.unwrap_or("git"), password.expose());
+        }
         if let Some(file) = &access.token_file {
             let token = std::fs::read_to_string(file).map_err(|e| {
                 git2::Error::from_str(&format!("cannot read token file {}: {e}", file.display()))
@@ -375,38 +410,60 @@ fn credentials(
     ))
 }
 
-/// Whether `known_hosts` text lists `key` (raw SSH wire format) for `host`. Plain host
-/// patterns (`host`, `[host]:port`, `*` wildcards, `!` negation) are understood; hashed
-/// entries (`|1|…`) are not, so write known_hosts for nk3 unhashed.
-pub fn known_hosts_allow(text: &str, host: &str, key: &[u8]) -> bool {
+/// Whether `known_hosts` text lists `key` (raw SSH wire format) for `host` on `port`, as
+/// OpenSSH reads it: patterns `host` (port 22) and `[host]:port`, `*` and `?` wildcards, `!`
+/// negation; a key marked `@revoked` for the host is refused whatever else lists it, and
+/// `@cert-authority` lines (host certificates) are not used. Hashed entries (`|1|…`) are not
+/// understood, so write known_hosts for nk3 unhashed.
+pub fn known_hosts_allow(text: &str, host: &str, port: u16, key: &[u8]) -> bool {
     use base64::Engine as _;
     let decode = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).ok();
-    text.lines().any(|line| {
+    let mut allowed = false;
+    for line in text.lines() {
         let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with('@') {
-            return false;
+        if line.is_empty() || line.starts_with('#') {
+            continue;
         }
         let mut fields = line.split_whitespace();
-        let (Some(hosts), Some(_kind), Some(b64)) = (fields.next(), fields.next(), fields.next())
-        else {
-            return false;
+        let mut first = fields.next();
+        let marker = match first {
+            Some(m) if m.starts_with('@') => {
+                first = fields.next();
+                Some(m)
+            }
+            _ => None,
         };
-        host_matches(hosts, host) && decode(b64).as_deref() == Some(key)
-    })
+        let (Some(hosts), Some(_kind), Some(b64)) = (first, fields.next(), fields.next()) else {
+            continue;
+        };
+        if decode(b64).as_deref() != Some(key) || !host_matches(hosts, host, port) {
+            continue;
+        }
+        match marker {
+            None => allowed = true,
+            Some("@revoked") => return false,
+            Some(_) => {}
+        }
+    }
+    allowed
 }
 
-fn host_matches(patterns: &str, host: &str) -> bool {
+fn host_matches(patterns: &str, host: &str, port: u16) -> bool {
     let mut ok = false;
     for p in patterns.split(',') {
         let (neg, p) = match p.strip_prefix('!') {
             Some(rest) => (true, rest),
             None => (false, p),
         };
-        let p = p
+        let (p, want) = match p
             .strip_prefix('[')
-            .and_then(|r| r.split_once("]:").map(|(h, _)| h))
-            .unwrap_or(p);
-        if glob(p, host) {
+            .and_then(|r| r.split_once("]:"))
+            .and_then(|(h, n)| Some((h, n.parse::<u16>().ok()?)))
+        {
+            Some((h, n)) => (h, n),
+            None => (p, 22),
+        };
+        if want == port && glob(p.as_bytes(), host.as_bytes()) {
             if neg {
                 return false;
             }
@@ -416,15 +473,32 @@ fn host_matches(patterns: &str, host: &str) -> bool {
     ok
 }
 
-fn glob(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern.eq_ignore_ascii_case(text),
-        Some((pre, rest)) => {
-            text.len() >= pre.len()
-                && text[..pre.len()].eq_ignore_ascii_case(pre)
-                && (pre.len()..=text.len()).any(|i| glob(rest, &text[i..]))
-        }
+/// OpenSSH's pattern match: `*` any run, `?` one byte, the rest ASCII case-insensitive.
+/// On bytes, so no host name can land a slice inside a character.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|i| glob(rest, &text[i..])),
+        Some((b'?', rest)) => !text.is_empty() && glob(rest, &text[1..]),
+        Some((c, rest)) => text
+            .split_first()
+            .is_some_and(|(t, more)| c.eq_ignore_ascii_case(t) && glob(rest, more)),
     }
+}
+
+/// The port an ssh:// URL names (22 when it names none, and for scp-like `host:path`).
+fn ssh_port(url: &str) -> u16 {
+    url.strip_prefix("ssh://")
+        .and_then(|rest| rest.split('/').next())
+        .map(|authority| authority.rsplit_once('@').map_or(authority, |(_, h)| h))
+        .and_then(|host| {
+            if let Some(v6) = host.strip_prefix('[') {
+                v6.split_once("]:").and_then(|(_, p)| p.parse().ok())
+            } else {
+                host.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+            }
+        })
+        .unwrap_or(22)
 }
 
 #[cfg(test)]
@@ -438,16 +512,71 @@ mod tests {
             [git.example.org]:2222 ssh-ed25519 aGk=\n\
             *.corp,!bad.corp ssh-ed25519 aGVsbG8h\n\
             |1|abc=|def= ssh-ed25519 aGVsbG8=\n";
-        assert!(known_hosts_allow(text, "git.example.com", b"hello"));
-        assert!(known_hosts_allow(text, "10.0.0.9", b"hello"));
+        assert!(known_hosts_allow(text, "git.example.com", 22, b"hello"));
+        assert!(known_hosts_allow(text, "10.0.0.9", 22, b"hello"));
         assert!(
-            !known_hosts_allow(text, "git.example.com", b"hi"),
+            !known_hosts_allow(text, "git.example.com", 22, b"hi"),
             "wrong key"
         );
-        assert!(known_hosts_allow(text, "git.example.org", b"hi"));
-        assert!(known_hosts_allow(text, "git.corp", b"hello!"));
-        assert!(!known_hosts_allow(text, "bad.corp", b"hello!"), "negated");
-        assert!(!known_hosts_allow(text, "other.example.com", b"hello"));
+        assert!(known_hosts_allow(text, "git.example.org", 2222, b"hi"));
+        assert!(
+            !known_hosts_allow(text, "git.example.org", 22, b"hi"),
+            "listed for port 2222 only"
+        );
+        assert!(
+            !known_hosts_allow(text, "git.example.com", 2222, b"hello"),
+            "a plain entry is port 22's"
+        );
+        assert!(known_hosts_allow(text, "git.corp", 22, b"hello!"));
+        assert!(
+            !known_hosts_allow(text, "bad.corp", 22, b"hello!"),
+            "negated"
+        );
+        assert!(!known_hosts_allow(text, "other.example.com", 22, b"hello"));
+    }
+
+    #[test]
+    fn known_hosts_never_panics_and_revoked_keys_lose() {
+        let text = "*é* ssh-ed25519 aGVsbG8=\n\
+            g?t.example.com ssh-ed25519 aGk=\n\
+            @revoked * ssh-ed25519 aGk=\n\
+            @cert-authority *.example.com ssh-ed25519 aGVsbG8h\n";
+        for host in ["ééé", "é", "\u{10ffff}git", "", "a*b"] {
+            let _ = known_hosts_allow(text, host, 22, b"hello");
+        }
+        assert!(known_hosts_allow(text, "xéy", 22, b"hello"));
+        assert!(
+            !known_hosts_allow(text, "git.example.com", 22, b"hi"),
+            "revoked, though listed"
+        );
+        assert!(
+            !known_hosts_allow(text, "a.example.com", 22, b"hello!"),
+            "a CA line is no host key"
+        );
+        assert_eq!(ssh_port("ssh://git@host:2222/infra.git"), 2222);
+        assert_eq!(ssh_port("ssh://git@[fd00::1]:2200/x"), 2200);
+        assert_eq!(ssh_port("ssh://host/x"), 22);
+        assert_eq!(ssh_port("git@host:infra.git"), 22);
+    }
+
+    #[test]
+    fn a_password_in_the_url_stays_out_of_the_clone() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Source::new(
+            "https://ci:s3cret@git.example.com/infra.git",
+            "main",
+            &dir.path().join("repo"),
+            Access::default(),
+        );
+        let (repo, _) = src.open(true).unwrap();
+        let config = std::fs::read_to_string(repo.path().join("config")).unwrap();
+        assert!(!config.contains("s3cret"), "{config}");
+        assert!(
+            config.contains("https://ci@git.example.com/infra.git"),
+            "{config}"
+        );
+        assert!(credentials(&src.access, Some("ci"), CredentialType::USER_PASS_PLAINTEXT).is_ok());
+        assert!(!format!("{src:?}").contains("s3cret"));
     }
 
     #[test]

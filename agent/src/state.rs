@@ -7,6 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -57,10 +58,15 @@ pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
         ),
         Err(e) => e.to_string(),
     };
-    let aside = dir.join(format!(
-        "state.json.unreadable-{}",
-        humantime::format_rfc3339_seconds(SystemTime::now())
-    ));
+    // A name no earlier copy has: two corrupt files within one second keep both.
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now());
+    let aside = (0..)
+        .map(|n| match n {
+            0 => dir.join(format!("state.json.unreadable-{stamp}")),
+            n => dir.join(format!("state.json.unreadable-{stamp}.{n}")),
+        })
+        .find(|p| p.symlink_metadata().is_err())
+        .expect("an unused name");
     fs::rename(&file, &aside)
         .with_context(|| format!("cannot move unreadable {} aside", file.display()))?;
     Ok(Loaded::SetAside(State::default(), aside, problem))
@@ -122,8 +128,15 @@ pub struct Lock {
 impl Lock {
     /// Takes the lock, or says which process holds it.
     pub fn take(dir: &Path) -> anyhow::Result<Lock> {
-        fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+        // Made here (outside the module, which has systemd make it 0700), it is the
+        // agent's alone too: the clone, the join token and the backups live in it.
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+        }
         let file_path = dir.join("lock");
         let mut file = OpenOptions::new()
             .read(true)
@@ -209,6 +222,34 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!path(dir.path()).exists());
+    }
+
+    #[test]
+    fn two_corrupt_state_files_in_one_second_are_both_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kept = Vec::new();
+        for text in ["{ first", "{ second", "{ third"] {
+            fs::write(path(dir.path()), text).unwrap();
+            match load(dir.path()).unwrap() {
+                Loaded::SetAside(_, aside, _) => kept.push(aside),
+                other => panic!("{other:?}"),
+            }
+        }
+        let texts: Vec<String> = kept
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap())
+            .collect();
+        assert_eq!(texts, ["{ first", "{ second", "{ third"]);
+    }
+
+    #[test]
+    fn a_state_directory_the_agent_makes_is_its_own() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("var/lib/nk3-agent");
+        let _lock = Lock::take(&state).unwrap();
+        let mode = fs::metadata(&state).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

@@ -213,6 +213,23 @@ pub fn k3s_flag(s: &str) -> Result<(), String> {
             "`{name}` passes a token on the command line, where every user of the node can read it; use `join_token` or `join_token_file`"
         ));
     }
+    // Flags land in the world-readable Nix store and in the process list.
+    let secret_flag = matches!(
+        name.as_str(),
+        "--etcd-s3-secret-key" | "--etcd-s3-session-token" | "--vpn-auth" | "--cluster-secret"
+    );
+    let value = s.split_once('=').map_or("", |(_, v)| v);
+    let url_password = value
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|auth| auth.rsplit_once('@'))
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    let query_password = value.to_ascii_lowercase().contains("password=");
+    if secret_flag || url_password || query_password {
+        return Err(format!(
+            "`{name}` would carry a secret in the rendered configuration, which lands in the world-readable Nix store; give it to k3s from a file instead (`--etcd-s3-config-secret`, `--vpn-auth-file`, or an environment file such as K3S_DATASTORE_ENDPOINT in services.k3s.environmentFile)"
+        ));
+    }
     Ok(())
 }
 

@@ -253,6 +253,8 @@ pub struct State {
     /// The `system.stateVersion` of the configuration.nix the agent first replaced (the
     /// installer's), rendered when the inventory sets none.
     pub state_version: Option<String>,
+    /// The file mode of the configuration.nix saved as the previous one, put back with it.
+    pub previous_mode: Option<u32>,
 }
 
 /// A rollout lease's holder record, as this agent saw it.
@@ -300,6 +302,7 @@ impl Default for State {
             lease_seen: Default::default(),
             lease_slots: None,
             state_version: None,
+            previous_mode: None,
         }
     }
 }

@@ -107,6 +107,7 @@ pub struct ParseError {
 /// Refuses documents over [`MAX_BYTES`], duplicate keys, tags, non-scalar keys, and alias
 /// expansions that would blow up (a "billion laughs" document).
 pub fn parse(text: &str) -> Result<Yaml, ParseError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.len() > MAX_BYTES {
         return Err(ParseError {
             line: None,
@@ -117,17 +118,153 @@ pub fn parse(text: &str) -> Result<Yaml, ParseError> {
             ),
         });
     }
+    let scan = scan_tokens(text);
+    if let Some(line) = scan.too_deep {
+        return Err(ParseError {
+            line: Some(line),
+            message: format!("values nest deeper than nk3 reads (lists and mappings within each other, over {MAX_FLOW} levels)"),
+        });
+    }
+    if let Some((line, tag)) = scan.tag {
+        return Err(ParseError {
+            line: Some(line),
+            message: format!("YAML tags such as `{tag}` are not supported: they change how a value is read; write the value plainly (quoted, if it is text)"),
+        });
+    }
+    // Each alias stands for a copy of its anchored value, at most the whole text: bound the
+    // expansion by size before serde_yaml builds it (its own limit counts uses, not bytes).
+    if scan.aliases.saturating_mul(text.len()) > MAX_EXPANDED {
+        return Err(ParseError {
+            line: None,
+            message: format!("YAML anchors and aliases ({} aliases in {} bytes) could expand beyond a sane size ({MAX_EXPANDED} bytes); write the values out", scan.aliases, text.len()),
+        });
+    }
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| from_serde(text, &e))?;
     convert(text, value, &Path::default())
 }
 
+/// The most an inventory's aliases may stand for, in bytes of text.
+pub const MAX_EXPANDED: usize = 64 * 1024 * 1024;
+
+/// What a pass over the text finds outside quotes, comments and block scalars.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Scan {
+    /// The first tag (`!!str`, `!local`), with its line.
+    tag: Option<(usize, String)>,
+    /// How many aliases (`*name`).
+    aliases: usize,
+    /// The first line where `[`/`{` nest deeper than [`MAX_FLOW`] (libyaml's scanner is
+    /// quadratic in that depth: 100,000 brackets take minutes).
+    too_deep: Option<usize>,
+}
+
+/// How deep flow collections may nest.
+const MAX_FLOW: usize = 100;
+
+fn scan_tokens(text: &str) -> Scan {
+    let mut out = Scan::default();
+    // Inside a block scalar (`|`, `>`): lines indented more than this are its text.
+    let mut block: Option<usize> = None;
+    let mut flow = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        if let Some(b) = block {
+            if line.trim().is_empty() || indent > b {
+                continue;
+            }
+            block = None;
+        }
+        let mut quote: Option<char> = None;
+        let mut prev: Option<char> = None;
+        let mut last_token = String::new();
+        let chars: Vec<char> = line.chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            match quote {
+                Some('\'') if c == '\'' => quote = None,
+                Some('"') if c == '\\' => i += 1,
+                Some('"') if c == '"' => quote = None,
+                Some(_) => {}
+                None => {
+                    let starts = prev.is_none_or(|p| p.is_whitespace() || "[{,".contains(p));
+                    match c {
+                        '#' if prev.is_none_or(char::is_whitespace) => break,
+                        '\'' | '"' if starts => quote = Some(c),
+                        '!' if starts && out.tag.is_none() => {
+                            let tag: String = chars[i..]
+                                .iter()
+                                .take_while(|c| !c.is_whitespace() && !",]}".contains(**c))
+                                .take(40)
+                                .collect();
+                            out.tag = Some((n + 1, tag));
+                        }
+                        '*' if starts => out.aliases += 1,
+                        '[' | '{' => {
+                            flow += 1;
+                            if flow > MAX_FLOW && out.too_deep.is_none() {
+                                out.too_deep = Some(n + 1);
+                            }
+                        }
+                        ']' | '}' => flow = flow.saturating_sub(1),
+                        _ => {}
+                    }
+                    if c.is_whitespace() {
+                        if !last_token.is_empty() {
+                            last_token.clear();
+                        }
+                    } else {
+                        last_token.push(c);
+                    }
+                }
+            }
+            prev = Some(c);
+            i += 1;
+        }
+        // `key: |`, `- >-`…: the lines after it, indented more, are text.
+        let t = last_token.trim_start_matches(['|', '>']);
+        if quote.is_none()
+            && last_token.starts_with(['|', '>'])
+            && t.chars()
+                .all(|c| c == '+' || c == '-' || c.is_ascii_digit())
+        {
+            block = Some(indent);
+        }
+    }
+    out
+}
+
+/// Whether the scalar at `path` is written as `digits` (and not, say, `0x1F` for 31): the
+/// value on its line is that token, standing alone.
+pub fn written_as(text: &str, path: &[Seg], digits: &str) -> bool {
+    let Some(line) = locate(text, path) else {
+        return false;
+    };
+    let Some(l) = text.lines().nth(line - 1) else {
+        return false;
+    };
+    let b = l.as_bytes();
+    l.match_indices(digits).any(|(at, _)| {
+        let before = at.checked_sub(1).map(|j| b[j]);
+        let after = b.get(at + digits.len()).copied();
+        before.is_none_or(|c| matches!(c, b' ' | b'[' | b',' | b':' | b'{'))
+            && after.is_none_or(|c| matches!(c, b' ' | b']' | b',' | b'}' | b'#'))
+    })
+}
+
 fn from_serde(text: &str, e: &serde_yaml::Error) -> ParseError {
     let raw = e.to_string();
-    if raw.contains("repetition limit exceeded") || raw.contains("recursion limit exceeded") {
+    if raw.contains("repetition limit exceeded") {
         return ParseError {
             line: None,
             message: "YAML anchors and aliases expand beyond a sane size; write the values out"
                 .into(),
+        };
+    }
+    if raw.contains("recursion limit exceeded") {
+        return ParseError {
+            line: e.location().map(|l| l.line()),
+            message: "values nest deeper than nk3 reads (lists and mappings within each other, over a hundred levels)".into(),
         };
     }
     const DUP: &str = "duplicate entry with key \"";
@@ -471,13 +608,30 @@ mod tests {
     #[test]
     fn tags_and_complex_keys_are_refused_with_their_place() {
         let e = parse("a:\n  b: !secret x\n").unwrap_err();
-        assert_eq!(
-            (e.line, e.message.as_str()),
-            (
-                Some(2),
-                "a.b: YAML tags such as `!secret` are not supported"
-            )
+        assert_eq!(e.line, Some(2));
+        assert!(
+            e.message
+                .starts_with("YAML tags such as `!secret` are not supported"),
+            "{}",
+            e.message
         );
+        // Core-schema tags, which serde_yaml would apply silently, too; and none of text.
+        for (text, line) in [
+            ("a: !!str 12\n", 1),
+            ("a:\n  - x\n  - !!binary aGk=\n", 3),
+            ("a: [1, !!int 2]\n", 1),
+        ] {
+            assert_eq!(parse(text).unwrap_err().line, Some(line), "{text}");
+        }
+        for text in [
+            "a: 'it!s'\n",
+            "a: pass!word\n",
+            "a: \"!!str\"\n",
+            "a: x # !!str\n",
+            "a: |\n  !!str is text here\nb: 1\n",
+        ] {
+            assert!(parse(text).is_ok(), "{text}");
+        }
         let e = parse("? [x]\n: 1\n").unwrap_err();
         assert_eq!(e.message, "mapping keys must be plain text, found a list");
     }

@@ -232,6 +232,14 @@ fn a_rewritten_branch_is_refused_unless_allowed() {
     let rewritten = repo.force_push(&inventory("").replace("enp3s0f0", "eno2"));
     let o = node.run_once();
     let log = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "run --once exits 1 after a refused head"
+    );
+    assert!(
+        !run(&mut node.agent(&["status"])).status.success(),
+        "and so does status"
+    );
     assert!(log.contains("was rewritten"), "{log}");
     assert!(log.contains("--allow-force-push"), "{log}");
     assert!(node.calls("nixos-rebuild").iter().all(|c| !c.is_empty()));
@@ -931,7 +939,9 @@ fn a_machine_without_a_state_version_keeps_its_configuration_and_is_told_why() {
     let o = node.run_once();
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("no `state_version` in the inventory and none in the configuration.nix being replaced"),
+        stderr(&o).contains(
+            "no `state_version` in the inventory and none in the configuration.nix being replaced"
+        ),
         "{}",
         stderr(&o)
     );
@@ -948,7 +958,9 @@ fn a_fresh_join_address_without_an_initiator_is_refused_not_left_waiting_for_its
     assert!(!o.status.success());
     let log = stderr(&o);
     assert!(
-        log.contains("no node is `initiator: true`, and k3s has not joined a cluster on 172.30.190.3 yet"),
+        log.contains(
+            "no node is `initiator: true`, and k3s has not joined a cluster on 172.30.190.3 yet"
+        ),
         "{log}"
     );
     assert!(node.calls("nixos-rebuild").is_empty());

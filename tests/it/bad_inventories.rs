@@ -139,6 +139,20 @@ fn cases() -> Vec<Case> {
         case("secondary address of the same family", seed(&[(9, "      boot_device: /dev/sda\n      secondary_ip: 10.0.0.33")]), Some(10), "secondary_ip 10.0.0.33 is of the same IP family as node 10.0.0.3"),
         case("secondary gateway without an address", seed(&[(9, "      boot_device: /dev/sda\n      secondary_gateway: \"fd00::1\"")]), Some(10), "`secondary_gateway` without `secondary_ip`"),
         case("unknown boot loader", seed(&[(9, "      boot_loader: lilo")]), Some(9), "`lilo` is not one of grub, grub-efi, systemd-boot"),
+        case("the same address as IPv4 and IPv4-mapped IPv6", seed(&[(14, "    \"::ffff:10.0.0.3\":")]), Some(14), "node ::ffff:10.0.0.3 is the same address as node 10.0.0.3"),
+        case("hostnames differing only in case", seed(&[(11, "      hostname: web"), (15, "      hostname: web1")]).replace("hostname: web1", "hostname: WEB"), Some(15), "hostname `WEB` is also node 10.0.0.4 (line 10)'s"),
+        case("upper-case hostname", seed(&[(11, "      hostname: Web-1")]), Some(11), "hostname `Web-1` is not a Kubernetes node name"),
+        case("loopback node", seed(&[(14, "    127.0.0.5:")]), Some(14), "node 127.0.0.5 is a loopback, unspecified or multicast address"),
+        case("loopback join address", seed(&[(2, "  join_address: \"::1\"")]), Some(2), "join_address ::1 is a loopback"),
+        case("a number written in hex where text is expected", seed(&[(8, "      interface: 0x1F")]), Some(8), "YAML reads this as the number 31, not as the text written"),
+        case("a number with a plus sign as the token", seed(&[(3, "  join_token: +12")]), Some(3), "YAML reads this as the number, not as the text written"),
+        case("a YAML tag", seed(&[(8, "      interface: !!str eth0")]), Some(8), "YAML tags such as `!!str` are not supported"),
+        case("a local YAML tag", seed(&[(3, "  join_token: !secret abc")]), Some(3), "YAML tags such as `!secret` are not supported"),
+        case("aliases standing for a large text", format!("{}  vars:\n    big: &big [{}]\n    copies: [{}]\n", SEED, vec!["\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\""; 8000].join(", "), vec!["*big"; 200].join(", ")), None, "could expand beyond a sane size"),
+        case("an endless duration", format!("{SEED}  rollout:\n    health_timeout: 100000000y\n"), Some(19), "is longer than nk3 waits for anything; at most 366 days"),
+        case("an endless duration in seconds", format!("{SEED}  rollout:\n    drain_timeout: 9223372036854775807\n"), Some(19), "is longer than nk3 waits for anything"),
+        case("a datastore password in a flag", format!("{SEED}  k3s_server_flags: [\"--datastore-endpoint=postgres://k3s:pa55w0rd@db:5432/k3s\"]\n"), Some(18), "`--datastore-endpoint` would carry a secret in the rendered configuration"),
+        case("an S3 secret key in a flag", format!("{SEED}  k3s_server_flags: [--etcd-s3-secret-key=S3CR3T]\n"), Some(18), "`--etcd-s3-secret-key` would carry a secret"),
         case("empty file", "# nothing yet\n".into(), None, "the file is empty"),
         case("not YAML", "cluster: [\n  join_address: 10.0.0.3\n".into(), Some(3), "not valid YAML"),
     ]
@@ -222,6 +236,8 @@ fn a_token_given_as_a_k3s_flag_is_refused_without_quoting_it() {
         "[--token=s3cret-value]",
         "[\"--token=s3cret value\"]",
         "[s3cret-value]",
+        "[\"--datastore-endpoint=mysql://u:s3cret@tcp(db)/k3s\"]",
+        "[--vpn-auth=name=tailscale,joinKey=s3cret]",
     ] {
         let text = format!("{SEED}  k3s_extra_flags: {flags}\n");
         let all = errors(&text).to_string();

@@ -230,7 +230,7 @@ fn a_template_that_inserts_raw_text_is_refused_with_its_line() {
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
-        err.contains("my.nix.hbs:3: `{{{n` inserts a value unquoted"),
+        err.contains("my.nix.hbs:3: this expression inserts a value unquoted"),
         "{err}"
     );
 }
@@ -254,14 +254,26 @@ fn usage_errors_exit_2() {
     assert!(stderr(&o).contains("--out"), "{}", stderr(&o));
 }
 
-/// An inventory with this machine in it (every machine has 127.0.0.1) and another node
+/// An IPv4 address on one of this machine's interfaces, other than loopback (which
+/// validation refuses as a node: every machine has it).
+fn local_address() -> std::net::IpAddr {
+    nix::ifaddrs::getifaddrs()
+        .unwrap()
+        .filter_map(|i| i.address)
+        .filter_map(|a| a.as_sockaddr_in().map(|v4| std::net::IpAddr::V4(v4.ip())))
+        .find(|ip| !ip.is_loopback())
+        .expect("this test needs a machine with an IPv4 address besides loopback")
+}
+
+/// An inventory with this machine in it (by one of its addresses) and another node
 /// recognisable by its SMBIOS UUID; a fake routing table with a default route via eth9.
-fn machine_fixture() -> (tempfile::TempDir, std::path::PathBuf) {
+fn machine_fixture() -> (tempfile::TempDir, std::path::PathBuf, String) {
     let dir = tempfile::tempdir().unwrap();
     let inv = dir.path().join("inventory.yaml");
+    let me = local_address().to_string();
     std::fs::write(
         &inv,
-        "join_address: 127.0.0.1\njoin_token: t\nnodes:\n  127.0.0.1: { initiator: true, boot_device: /dev/sda }\n  10.0.0.5: { interface: eth0, default_gateway: 10.0.0.1, boot_device: /dev/sda, uuid: 4c4c4544-0042-3510-8052-b4c04f4e4d32 }\n",
+        format!("join_address: \"{me}\"\njoin_token: t\nnodes:\n  \"{me}\": {{ initiator: true, boot_device: /dev/sda, prefix_length: 8 }}\n  10.0.0.5: {{ interface: eth0, default_gateway: 10.0.0.1, boot_device: /dev/sda, uuid: 4c4c4544-0042-3510-8052-b4c04f4e4d32 }}\n"),
     )
     .unwrap();
     std::fs::write(
@@ -269,12 +281,12 @@ fn machine_fixture() -> (tempfile::TempDir, std::path::PathBuf) {
         "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\neth9\t00000000\tFE00007F\t0003\t0\t0\t0\t00000000\t0\t0\t0\n",
     )
     .unwrap();
-    (dir, inv)
+    (dir, inv, me)
 }
 
 #[test]
 fn render_without_a_node_finds_this_machine_and_its_default_route() {
-    let (dir, inv) = machine_fixture();
+    let (dir, inv, me) = machine_fixture();
     let o = run(nk3()
         .args(["render", "--inventory"])
         .arg(&inv)
@@ -284,7 +296,7 @@ fn render_without_a_node_finds_this_machine_and_its_default_route() {
         .arg(dir.path().join("no-such-file")));
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("this machine is node 127.0.0.1"),
+        stderr(&o).contains(&format!("this machine is node {me}")),
         "{}",
         stderr(&o)
     );
@@ -308,7 +320,7 @@ fn render_without_a_node_finds_this_machine_and_its_default_route() {
 
 #[test]
 fn render_recognises_a_machine_by_its_smbios_uuid_first() {
-    let (dir, inv) = machine_fixture();
+    let (dir, inv, _) = machine_fixture();
     let uuid = dir.path().join("product_uuid");
     std::fs::write(&uuid, "4C4C4544-0042-3510-8052-B4C04F4E4D32\n").unwrap();
     let o = run(nk3()

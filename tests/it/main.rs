@@ -7,6 +7,7 @@ mod bad_inventories;
 mod cli;
 mod fixtures;
 mod golden;
+mod hostile;
 mod injection;
 mod module;
 mod nix_eval;

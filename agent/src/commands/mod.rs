@@ -18,7 +18,7 @@ use nk3_common::inventory::{self, Inventory};
 /// `Ok(None)` is returned, so the caller exits 1.
 #[allow(clippy::print_stderr)]
 pub fn load_inventory(path: &Path) -> anyhow::Result<Option<Inventory>> {
-    let text = std::fs::read_to_string(path)
+    let text = read_bounded(path, nk3_common::yaml::MAX_BYTES)
         .with_context(|| format!("cannot read inventory {}", path.display()))?;
     match inventory::load(&path.display().to_string(), &text) {
         Ok(inv) => Ok(Some(inv)),
@@ -26,7 +26,7 @@ pub fn load_inventory(path: &Path) -> anyhow::Result<Option<Inventory>> {
             for line in diags.lines() {
                 eprintln!("{line}");
             }
-            let n = diags.items.len();
+            let n = diags.count();
             eprintln!(
                 "{}: {n} problem{}; nothing was rendered or applied",
                 path.display(),
@@ -35,4 +35,18 @@ pub fn load_inventory(path: &Path) -> anyhow::Result<Option<Inventory>> {
             Ok(None)
         }
     }
+}
+
+/// A text file of at most `max` bytes, read without ever holding more (a path may name
+/// `/dev/zero`, or a file that keeps growing).
+pub fn read_bounded(path: &Path, max: usize) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > max {
+        anyhow::bail!("it is larger than {max} bytes, more than nk3 reads");
+    }
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("it is not UTF-8 text"))
 }

@@ -102,9 +102,9 @@ fn load_template(n: &Node, repo_root: &Path) -> anyhow::Result<Template> {
         None => Template::builtin(),
         Some(rel) => {
             let path = repo_root.join(rel);
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!("node {}: cannot read template {}", n.key, path.display())
-            })?;
+            let text = super::read_bounded(&path, nk3_common::render::MAX_TEMPLATE).with_context(
+                || format!("node {}: cannot read template {}", n.key, path.display()),
+            )?;
             Template::custom(rel, &text)?
         }
     })

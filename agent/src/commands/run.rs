@@ -39,8 +39,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.once {
         agent.report_idle = true;
         let outcome = pass(&mut agent);
+        // A refused head (force-push, unsigned) keeps the node on its commit: a failure.
+        let refused = agent.state.refused_head.is_some();
         return Ok(match outcome {
-            Some(Outcome::NoChange | Outcome::Applied | Outcome::Rebooting) => ExitCode::SUCCESS,
+            Some(Outcome::NoChange | Outcome::Applied | Outcome::Rebooting) if !refused => {
+                ExitCode::SUCCESS
+            }
             _ => ExitCode::FAILURE,
         });
     }

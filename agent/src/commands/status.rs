@@ -70,12 +70,15 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             print_cluster(o);
         }
     }
-    let healthy = st.as_ref().and_then(|s| s.last.as_ref()).is_none_or(|l| {
-        matches!(
-            l.outcome,
-            state::Outcome::NoChange | state::Outcome::Applied | state::Outcome::Rebooting
-        )
-    });
+    // A refused head (force-push, unsigned) leaves the node on its commit but is not fine.
+    let refused = st.as_ref().is_some_and(|s| s.refused_head.is_some());
+    let healthy = !refused
+        && st.as_ref().and_then(|s| s.last.as_ref()).is_none_or(|l| {
+            matches!(
+                l.outcome,
+                state::Outcome::NoChange | state::Outcome::Applied | state::Outcome::Rebooting
+            )
+        });
     Ok(if healthy {
         ExitCode::SUCCESS
     } else {

@@ -19,9 +19,15 @@ pub struct Diagnostic {
 pub struct Diagnostics {
     /// The file's name as the user gave it.
     pub file: String,
-    /// The problems, ordered by line.
+    /// The problems, ordered by line; at most [`MAX_REPORTED`].
     pub items: Vec<Diagnostic>,
+    /// Problems found beyond [`MAX_REPORTED`], counted but not located: finding a line is
+    /// linear in the file, so locating every one of 50,000 problems would be quadratic.
+    pub dropped: usize,
 }
+
+/// How many problems one run reports in full.
+pub const MAX_REPORTED: usize = 200;
 
 impl Diagnostics {
     /// An empty list for `file`.
@@ -29,17 +35,32 @@ impl Diagnostics {
         Diagnostics {
             file: file.to_string(),
             items: Vec::new(),
+            dropped: 0,
         }
     }
 
-    /// Adds one problem.
+    /// Adds one problem (counts it only, once [`Self::full`]).
     pub fn push(&mut self, d: Diagnostic) {
-        self.items.push(d);
+        if self.full() {
+            self.dropped += 1;
+        } else {
+            self.items.push(d);
+        }
+    }
+
+    /// Whether further problems are only counted: callers skip locating them.
+    pub fn full(&self) -> bool {
+        self.items.len() >= MAX_REPORTED
     }
 
     /// Whether nothing is wrong.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.items.is_empty() && self.dropped == 0
+    }
+
+    /// How many problems were found in all.
+    pub fn count(&self) -> usize {
+        self.items.len() + self.dropped
     }
 
     /// The problems as `file:line: key: message` lines, sorted by line.
@@ -61,6 +82,12 @@ impl Diagnostics {
                 s.push_str(&d.message);
                 s
             })
+            .chain((self.dropped > 0).then(|| {
+                format!(
+                    "{}: … and {} more problems (the first {MAX_REPORTED} are shown)",
+                    self.file, self.dropped
+                )
+            }))
             .collect()
     }
 }

@@ -306,6 +306,8 @@ impl Inventory {
 ///
 /// Returns every problem found, not only the first.
 pub fn load(file: &str, text: &str) -> Result<Inventory, Diagnostics> {
+    // A byte-order mark is allowed in YAML; lines are counted after it.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut diags = Diagnostics::new(file);
     let tree = match crate::yaml::parse(text) {
         Ok(t) => t,

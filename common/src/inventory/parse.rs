@@ -69,6 +69,10 @@ const CEPH_KEYS: &[&str] = &["namespace", "deployment", "tolerate"];
 
 const CHECK_KEYS: &[&str] = &["name", "command", "http"];
 
+/// The longest duration an inventory may give (a year): a time nk3 adds to the clock, which a
+/// larger one would make overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// The shortest lease nk3 accepts; a lease must outlive a renewal interval with room to spare.
 const MIN_LEASE: Duration = Duration::from_secs(5);
 
@@ -85,6 +89,10 @@ pub(super) fn read(text: &str, tree: &Yaml, diags: &mut Diagnostics) -> Option<I
 
 impl Reader<'_> {
     fn err(&mut self, at: &Path, message: impl Into<String>) {
+        if self.diags.full() {
+            self.diags.dropped += 1;
+            return;
+        }
         self.diags.push(Diagnostic {
             line: locate(self.text, &at.0),
             key: at.to_string(),
@@ -584,10 +592,26 @@ impl Reader<'_> {
 
     /// A string value. Integers are taken as their digits (the original tool read YAML the
     /// same way); other numbers and booleans must be quoted, since their text is not kept.
+    /// An integer where text is expected is taken as its digits only when it is written
+    /// that way: YAML reads `0x1F`, `0o17` and `+12` as numbers, and their digits would not
+    /// be what was written.
+    fn digits(&mut self, i: i64, at: &Path, secret: bool) -> Option<String> {
+        if crate::yaml::written_as(self.text, &at.0, &i.to_string()) {
+            return Some(i.to_string());
+        }
+        let number = if secret {
+            String::new()
+        } else {
+            format!(" {i}")
+        };
+        self.err(at, format!("YAML reads this as the number{number}, not as the text written (`0x…`, `0o…`, `+…`); quote it so it is read as written"));
+        None
+    }
+
     fn string(&mut self, v: &Yaml, at: &Path) -> Option<String> {
         let s = match v {
             Yaml::Str(s) => s.clone(),
-            Yaml::Int(i) => i.to_string(),
+            Yaml::Int(i) => self.digits(*i, at, false)?,
             Yaml::Float(f) => {
                 self.err(at, format!("expected text, found the number {f}; quote it (\"{f}\") so it is read as written"));
                 return None;
@@ -627,7 +651,7 @@ impl Reader<'_> {
         // The token itself is never quoted back in a message.
         let s = match v {
             Yaml::Str(s) => s.clone(),
-            Yaml::Int(i) => i.to_string(),
+            Yaml::Int(i) => self.digits(*i, at, true)?,
             other => {
                 self.err(
                     at,
@@ -730,6 +754,17 @@ impl Reader<'_> {
         };
         if d.is_zero() {
             self.err(at, "the duration must be longer than zero");
+            return None;
+        }
+        if d > MAX_DURATION {
+            self.err(
+                at,
+                format!(
+                    "{} is longer than nk3 waits for anything; at most {} days",
+                    humantime::format_duration(d),
+                    MAX_DURATION.as_secs() / 86_400
+                ),
+            );
             return None;
         }
         Some(d)

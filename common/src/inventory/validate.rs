@@ -70,6 +70,10 @@ fn cidr_families(flags: &[String], name: &str) -> Option<Result<u8, String>> {
 
 impl Checker<'_> {
     fn err(&mut self, at: &Path, message: String) {
+        if self.diags.full() {
+            self.diags.dropped += 1;
+            return;
+        }
         self.diags.push(Diagnostic {
             line: locate(self.text, &at.0),
             key: at.to_string(),
@@ -84,6 +88,9 @@ impl Checker<'_> {
     /// A node named for a message about another: its key and line. Located only when a
     /// message needs it, since locating is linear in the file.
     fn where_(&self, n: &Node) -> String {
+        if self.diags.full() {
+            return n.key.clone();
+        }
         match locate(self.text, &self.node_path(n).0) {
             Some(l) => format!("{} (line {l})", n.key),
             None => n.key.clone(),
@@ -92,10 +99,11 @@ impl Checker<'_> {
 
     fn node_set(&mut self, inv: &Inventory) {
         let mut by_ip: HashMap<IpAddr, &Node> = HashMap::new();
-        let mut by_name: HashMap<&str, &Node> = HashMap::new();
+        let mut by_name: HashMap<String, &Node> = HashMap::new();
         let mut by_uuid: HashMap<uuid::Uuid, &Node> = HashMap::new();
         for n in &inv.nodes {
-            if let Some(first) = by_ip.insert(n.ip, n) {
+            // `::ffff:10.0.0.3` is 10.0.0.3.
+            if let Some(first) = by_ip.insert(n.ip.to_canonical(), n) {
                 let at = self.node_path(n);
                 self.err(
                     &at,
@@ -106,7 +114,8 @@ impl Checker<'_> {
                     ),
                 );
             }
-            if let Some(first) = by_name.insert(&n.hostname, n) {
+            // Kubernetes knows node names in lower case only.
+            if let Some(first) = by_name.insert(n.hostname.to_ascii_lowercase(), n) {
                 let at = if n.hostname_set {
                     self.node_path(n).key("hostname")
                 } else {
@@ -153,6 +162,11 @@ impl Checker<'_> {
     fn join_address(&mut self, inv: &Inventory) {
         let at = self.base.key("join_address");
         let a = inv.join_address;
+        let c = a.to_canonical();
+        if c.is_loopback() || c.is_unspecified() || c.is_multicast() {
+            self.err(&at, format!("join_address {a} is a loopback, unspecified or multicast address; joining nodes must reach a server there"));
+            return;
+        }
         if let Some(n) = inv.nodes.iter().find(|n| n.ip == a) {
             if n.role == Role::Agent {
                 self.err(&at, format!("join_address {a} is node {}, which has role agent; joining nodes need a server's API", n.key));
@@ -171,6 +185,18 @@ impl Checker<'_> {
 
     fn node(&mut self, n: &Node) {
         let at = self.node_path(n);
+        let ip = n.ip.to_canonical();
+        if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+            self.err(&at, format!("node {} is a loopback, unspecified or multicast address, which every machine (or none) would take for its own; a node's key is the address of its interface", n.key));
+        }
+        if n.hostname_set
+            && !n
+                .hostname
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            self.err(&at.key("hostname"), format!("hostname `{}` is not a Kubernetes node name: k3s names the node after it, and node names are lower-case letters, digits and `-`", n.hostname));
+        }
         let max = if n.ip.is_ipv4() { 32 } else { 128 };
         if n.prefix_length > max {
             self.err(

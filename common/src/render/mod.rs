@@ -2,8 +2,9 @@
 //!
 //! Safe by construction: `{{value}}` writes the value as a quoted Nix string (the registry's
 //! escape function is [`nix::string`]), `{{nix value}}` writes any value as a Nix expression,
-//! and templates may not use `{{{…}}}` or `{{&…}}`, the only ways to insert raw text. So no
-//! inventory value, whatever it contains, can become Nix code. Strict mode makes a missing
+//! and templates may not insert raw text (`{{{…}}}`, `{{&…}}`, however spelt: judged from the
+//! parsed template) nor use partials or decorators (which could recurse). So no inventory
+//! value, whatever it contains, can become Nix code, and a rendering is bounded in size. Strict mode makes a missing
 //! value an error instead of an empty string. The join token is not in the context at all:
 //! the configuration names the token file the agent writes.
 
@@ -23,6 +24,12 @@ pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/nk3-agent/join-token";
 
 /// The built-in template.
 pub const DEFAULT_TEMPLATE: &str = include_str!("default.nix.hbs");
+
+/// The largest configuration.nix a rendering may produce.
+pub const MAX_OUTPUT: usize = 4 << 20;
+
+/// The largest template accepted.
+pub const MAX_TEMPLATE: usize = 1 << 20;
 
 /// Why a configuration could not be rendered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,14 +53,27 @@ pub enum RenderError {
         node: String,
     },
     /// The template inserts raw text somewhere.
-    #[error("{template}:{line}: `{found}` inserts a value unquoted, which could turn inventory text into Nix code; use `{{{{value}}}}` (a Nix string) or `{{{{nix value}}}}` (any value)")]
+    #[error("{template}:{line}: this expression inserts a value unquoted (`{{{{{{…}}}}}}` or `{{{{&…}}}}`), which could turn inventory text into Nix code; use `{{{{value}}}}` (a Nix string) or `{{{{nix value}}}}` (any value)")]
     Unsafe {
         /// Template name.
         template: String,
         /// 1-based line.
         line: usize,
-        /// The offending opening.
-        found: String,
+    },
+    /// The template uses a partial or a decorator (`{{> …}}`, `{{#> …}}`, `{{#*inline …}}`,
+    /// `{{* …}}`): a template is one file, and partials can recurse without end.
+    #[error("{template}:{line}: partials and decorators (`{{{{> …}}}}`, `{{{{#*inline …}}}}`) are not supported: write the template as one file")]
+    Partial {
+        /// Template name.
+        template: String,
+        /// 1-based line.
+        line: usize,
+    },
+    /// The rendering grew past [`MAX_OUTPUT`].
+    #[error("{template}: the rendered configuration is over {MAX_OUTPUT} bytes; a node's configuration.nix is never that large (a loop over a large value?)")]
+    TooLarge {
+        /// Template name.
+        template: String,
     },
     /// The template does not compile.
     #[error("{template}: {message}")]
@@ -121,12 +141,37 @@ impl Template {
 
     /// A template brought by the repository. `name` is used in messages.
     pub fn custom(name: &str, text: &str) -> Result<Template, RenderError> {
-        if let Some((line, found)) = raw_insertion(text) {
-            return Err(RenderError::Unsafe {
+        if text.len() > MAX_TEMPLATE {
+            return Err(RenderError::Template {
                 template: name.to_string(),
-                line,
-                found,
+                message: format!("templates larger than {MAX_TEMPLATE} bytes are refused"),
             });
+        }
+        // The parser recurses into each block: bound the nesting before it sees the text.
+        if let Some(line) = too_deep(text) {
+            return Err(RenderError::Template {
+                template: name.to_string(),
+                message: format!("line {line}: blocks nest deeper than {MAX_NESTING}"),
+            });
+        }
+        let parsed = handlebars::Template::compile(text).map_err(|e| RenderError::Template {
+            template: name.to_string(),
+            message: e.to_string(),
+        })?;
+        match unsafe_element(&parsed, 1) {
+            Some(Unsafe::Raw(line)) => {
+                return Err(RenderError::Unsafe {
+                    template: name.to_string(),
+                    line,
+                })
+            }
+            Some(Unsafe::Partial(line)) => {
+                return Err(RenderError::Partial {
+                    template: name.to_string(),
+                    line,
+                })
+            }
+            None => {}
         }
         let mut registry = Handlebars::new();
         registry.set_strict_mode(true);
@@ -152,13 +197,22 @@ impl Template {
         opts: &Options,
     ) -> Result<String, RenderError> {
         let ctx = context(inv, node, opts)?;
-        let body = self
-            .registry
-            .render(&self.name, &ctx)
-            .map_err(|e| RenderError::Render {
+        let mut out = Bounded(Vec::new());
+        if let Err(e) = self.registry.render_to_write(&self.name, &ctx, &mut out) {
+            if out.0.len() >= MAX_OUTPUT {
+                return Err(RenderError::TooLarge {
+                    template: self.name.clone(),
+                });
+            }
+            return Err(RenderError::Render {
                 template: self.name.clone(),
                 message: e.to_string(),
-            })?;
+            });
+        }
+        let body = String::from_utf8(out.0).map_err(|_| RenderError::Render {
+            template: self.name.clone(),
+            message: "the rendering is not UTF-8".into(),
+        })?;
         Ok(format!("{}{body}", header(node, &opts.source)))
     }
 }
@@ -228,17 +282,97 @@ pub fn redact_url(url: &str) -> String {
     url.to_string()
 }
 
-/// The first `{{{` or `{{&` in a template, with its line.
-fn raw_insertion(text: &str) -> Option<(usize, String)> {
-    for (i, line) in text.lines().enumerate() {
-        let mut rest = line;
-        while let Some(pos) = rest.find("{{") {
-            let after = rest[pos + 2..].trim_start_matches('~');
-            if after.starts_with('{') || after.starts_with('&') {
-                let found: String = rest[pos..].chars().take(4).collect();
-                return Some((i + 1, found));
+/// The deepest nesting of blocks (`{{#…}}` in `{{#…}}`) a template may have.
+pub const MAX_NESTING: usize = 64;
+
+/// The line where blocks first nest deeper than [`MAX_NESTING`], counting every `{{#`
+/// (and `{{~#`, with spaces) as an opening and `{{/` as a close: an over-count, never less.
+fn too_deep(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut line = 1;
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\n' => line += 1,
+            b'{' if b.get(i + 1) == Some(&b'{') => {
+                let mut j = i + 2;
+                while j < b.len() && (b[j] == b'~' || b[j] == b'{' || b[j].is_ascii_whitespace()) {
+                    if b[j] == b'\n' {
+                        line += 1;
+                    }
+                    j += 1;
+                }
+                match b.get(j) {
+                    Some(b'#') => {
+                        depth += 1;
+                        if depth > MAX_NESTING {
+                            return Some(line);
+                        }
+                    }
+                    Some(b'/') => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+                i = j;
+                continue;
             }
-            rest = &rest[pos + 2..];
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// A writer that refuses to grow past [`MAX_OUTPUT`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT {
+            self.0.resize(MAX_OUTPUT, 0);
+            return Err(std::io::Error::other("the rendering is too large"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a template may not contain.
+#[derive(Debug, PartialEq, Eq)]
+enum Unsafe {
+    /// An unescaped insertion, at this line.
+    Raw(usize),
+    /// A partial or decorator, at this line.
+    Partial(usize),
+}
+
+/// The first element of the parsed template `t`, at any depth, that inserts a value
+/// unescaped or is a partial or decorator. Judged from the parse, so no spelling (`{{ &x}}`,
+/// `{{~{x}~}}`, a line break after `{{`) gets past it. `line` is where `t` starts.
+fn unsafe_element(t: &handlebars::Template, line: usize) -> Option<Unsafe> {
+    use handlebars::template::TemplateElement as E;
+    for (i, e) in t.elements.iter().enumerate() {
+        let at = t.mapping.get(i).map_or(line, |m| m.0.max(1));
+        match e {
+            E::HtmlExpression(_) => return Some(Unsafe::Raw(at)),
+            E::PartialExpression(_)
+            | E::PartialBlock(_)
+            | E::DecoratorExpression(_)
+            | E::DecoratorBlock(_) => return Some(Unsafe::Partial(at)),
+            E::HelperBlock(h) => {
+                for sub in [&h.template, &h.inverse].into_iter().flatten() {
+                    if let Some(u) = unsafe_element(sub, at) {
+                        return Some(u);
+                    }
+                }
+            }
+            E::RawString(_) | E::Expression(_) | E::Comment(_) => {}
+            // Whatever a later handlebars adds is refused until judged.
+            _ => return Some(Unsafe::Partial(at)),
         }
     }
     None
@@ -468,16 +602,86 @@ fn context<'a>(
 mod tests {
     use super::*;
 
+    fn options(commit: &str, state_version: Option<&str>) -> Options {
+        Options {
+            source: Source {
+                repository: "r".into(),
+                commit: commit.into(),
+            },
+            token_file: DEFAULT_TOKEN_FILE.into(),
+            facts: HostFacts {
+                state_version: state_version.map(String::from),
+                ..HostFacts::default()
+            },
+        }
+    }
+
     #[test]
-    fn raw_insertions_are_found() {
+    fn raw_insertions_are_found_however_they_are_spelt() {
+        let raw = |t: &str| unsafe_element(&handlebars::Template::compile(t).unwrap(), 1);
+        assert_eq!(raw("a\n  x = {{{node.ip}}};"), Some(Unsafe::Raw(2)));
+        for spelling in [
+            "{{~& x}}",
+            "{{ &node.vars.v}}",
+            "{{~ {node.vars.v} ~}}",
+            "{{\n&node.vars.v}}",
+            "{{#if a}}\n{{#each b}}{{ & this}}{{/each}}{{/if}}",
+            "{{#if a}}{{else}}{{{x}}}{{/if}}",
+        ] {
+            assert!(
+                matches!(raw(spelling), Some(Unsafe::Raw(_))),
+                "{spelling:?}"
+            );
+        }
         assert_eq!(
-            raw_insertion("a\n  x = {{{node.ip}}};"),
-            Some((2, "{{{n".into()))
+            raw("{{#if a}}\n\n{{&x}}{{/if}}"),
+            Some(Unsafe::Raw(3)),
+            "lines count from the file's start"
         );
-        assert_eq!(raw_insertion("{{~& x}}").map(|(l, _)| l), Some(1));
+        for partial in [
+            "{{#*inline \"p\"}}{{> p}}{{/inline}}{{> p}}",
+            "{{> other}}",
+            "{{#> layout}}x{{/layout}}",
+            "{{* deco}}",
+        ] {
+            assert!(
+                matches!(raw(partial), Some(Unsafe::Partial(_))),
+                "{partial:?}"
+            );
+        }
         assert_eq!(
-            raw_insertion("x = {{node.ip}}; y = {{nix node.vars}};"),
+            raw("x = {{node.ip}}; y = {{nix node.vars}}; {{!-- {{&x}} --}}"),
             None
+        );
+        assert_eq!(raw(DEFAULT_TEMPLATE), None);
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_output_are_refused_not_run() {
+        let deep = "{{#if a}}".repeat(10_000) + &"{{/if}}".repeat(10_000);
+        let e = Template::custom("t", &deep).unwrap_err();
+        assert!(e.to_string().contains("nest deeper than 64"), "{e}");
+        let inv = crate::inventory::load(
+            "i",
+            &format!("join_address: 10.0.0.3\njoin_token: t\nstate_version: \"24.05\"\nnodes:\n  10.0.0.3: {{ interface: eth0, default_gateway: 10.0.0.1, boot_device: /dev/sda, vars: {{ a: [{}] }} }}\n", vec!["1"; 300].join(", ")),
+        )
+        .unwrap();
+        let t = Template::custom(
+            "t",
+            "{{#each node.vars.a}}{{#each ../node.vars.a}}{{#each ../../node.vars.a}}xxxxxxxxxxxxxxxx{{/each}}{{/each}}{{/each}}",
+        )
+        .unwrap();
+        let o = options("c", None);
+        let e = t.render(&inv, &inv.nodes[0], &o).unwrap_err();
+        assert!(matches!(e, RenderError::TooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_recursive_partial_is_refused_not_run() {
+        let t = Template::custom("t", "{{#*inline \"p\"}}{{> p}}{{/inline}}{{> p}}");
+        assert!(
+            matches!(t, Err(RenderError::Partial { line: 1, .. })),
+            "{t:?}"
         );
     }
 
@@ -493,17 +697,7 @@ mod tests {
             "{{#if node.uuid}}uuid{{else}}no uuid{{/if}}, {{nix node.boot_device}}, {{nix node.secondary}}",
         )
         .unwrap();
-        let opts = Options {
-            source: Source {
-                repository: "r".into(),
-                commit: "c".into(),
-            },
-            token_file: DEFAULT_TOKEN_FILE.into(),
-            facts: HostFacts {
-                state_version: Some("23.11".into()),
-                ..HostFacts::default()
-            },
-        };
+        let opts = options("c", Some("23.11"));
         let out = t.render(&inv, &inv.nodes[0], &opts).unwrap();
         assert!(out.ends_with("no uuid, null, null"), "{out}");
     }
@@ -516,17 +710,7 @@ mod tests {
         )
         .unwrap();
         let n = &inv.nodes[0];
-        let mut o = Options {
-            source: Source {
-                repository: "r".into(),
-                commit: "one".into(),
-            },
-            token_file: DEFAULT_TOKEN_FILE.into(),
-            facts: HostFacts {
-                state_version: Some("23.11".into()),
-                ..HostFacts::default()
-            },
-        };
+        let mut o = options("one", Some("23.11"));
         let a = Template::builtin().render(&inv, n, &o).unwrap();
         o.source.commit = "another".into();
         let b = Template::builtin().render(&inv, n, &o).unwrap();
@@ -600,14 +784,7 @@ mod tests {
             "join_address: 10.0.0.3\njoin_token: t\nnodes:\n  10.0.0.3: { interface: eth0, default_gateway: 10.0.0.1, boot_device: /dev/sda }\n",
         )
         .unwrap();
-        let mut o = Options {
-            source: Source {
-                repository: "r".into(),
-                commit: "c".into(),
-            },
-            token_file: DEFAULT_TOKEN_FILE.into(),
-            facts: HostFacts::default(),
-        };
+        let mut o = options("c", None);
         let t = Template::builtin();
         let e = t.render(&inv, &inv.nodes[0], &o).unwrap_err();
         assert!(e.to_string().contains("no `state_version`"), "{e}");

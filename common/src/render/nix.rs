@@ -30,7 +30,7 @@ pub fn value(v: &Value) -> String {
     match v {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
+        Value::Number(n) => number(n),
         Value::String(s) => string(s),
         Value::Array(items) if items.is_empty() => "[ ]".into(),
         Value::Array(items) => {
@@ -45,6 +45,28 @@ pub fn value(v: &Value) -> String {
                 .collect();
             format!("{{ {} }}", inner.join(" "))
         }
+    }
+}
+
+/// A number as Nix reads it: a negative one in parentheses (`[ 1 -5 ]` would be `1 - 5`),
+/// a float always with a point and never an exponent (`1e20` is no Nix literal), an integer
+/// beyond Nix's 64-bit range as a float.
+fn number(n: &serde_json::Number) -> String {
+    let text = if let Some(i) = n.as_i64() {
+        i.to_string()
+    } else {
+        // u64 beyond i64, or a float; Rust writes floats without an exponent.
+        let f = n.as_f64().unwrap_or(0.0);
+        let mut t = f.to_string();
+        if !t.contains('.') {
+            t.push_str(".0");
+        }
+        t
+    };
+    if text.starts_with('-') {
+        format!("({text})")
+    } else {
+        text
     }
 }
 
@@ -67,5 +89,14 @@ mod tests {
         );
         assert_eq!(value(&json!({"k": ["v"]})), r#"{ "k" = [ "v" ]; }"#);
         assert_eq!(value(&json!([])), "[ ]");
+    }
+
+    #[test]
+    fn numbers_read_back_as_the_numbers_they_are() {
+        assert_eq!(value(&json!([1, -5])), "[ 1 (-5) ]");
+        assert_eq!(value(&json!(1e20)), "100000000000000000000.0");
+        assert_eq!(value(&json!(-0.5)), "(-0.5)");
+        assert_eq!(value(&json!(2.5e-3)), "0.0025");
+        assert_eq!(value(&json!(u64::MAX)), "18446744073709552000.0");
     }
 }
