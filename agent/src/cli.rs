@@ -93,6 +93,15 @@ pub struct RenderArgs {
     pub machine: MachineArgs,
 }
 
+/// A duration of at most a year (anything longer would overflow the clock it is added to).
+fn bounded_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > std::time::Duration::from_secs(366 * 86_400) {
+        return Err("give a duration longer than zero and at most a year".into());
+    }
+    Ok(d)
+}
+
 fn state_version(s: &str) -> Result<String, String> {
     nk3_common::check::state_version(s).map(|()| s.to_string())
 }
@@ -185,6 +194,13 @@ pub struct AgentArgs {
     /// The nixos-rebuild program.
     #[arg(long, value_name = "CMD", env = env_vars::NK3_NIXOS_REBUILD, default_value = "nixos-rebuild")]
     pub nixos_rebuild: PathBuf,
+    /// The longest `nixos-rebuild build` may take; beyond it the build is stopped and the
+    /// pass fails (the node keeps what it runs, and the next pass builds again).
+    #[arg(long, value_name = "DURATION", env = env_vars::NK3_BUILD_TIMEOUT, default_value = "2h", value_parser = bounded_duration)]
+    pub build_timeout: std::time::Duration,
+    /// The longest `nixos-rebuild switch`, `boot` or `switch --rollback` may take.
+    #[arg(long, value_name = "DURATION", env = env_vars::NK3_SWITCH_TIMEOUT, default_value = "30m", value_parser = bounded_duration)]
+    pub switch_timeout: std::time::Duration,
     /// The systemctl program.
     #[arg(long, value_name = "CMD", env = env_vars::NK3_SYSTEMCTL, default_value = "systemctl")]
     pub systemctl: PathBuf,

@@ -205,9 +205,13 @@ impl Cluster {
 
     /// The optional Ceph check: `ceph status` in the rook-ceph tools deployment, judged with
     /// the inventory's tolerated warnings.
-    pub fn ceph_healthy(&self, ceph: &nk3_common::inventory::Ceph) -> Result<(), String> {
-        let out = std::process::Command::new(&self.kubectl)
-            .arg("--kubeconfig")
+    pub fn ceph_healthy(
+        &self,
+        ceph: &nk3_common::inventory::Ceph,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let mut cmd = std::process::Command::new(&self.kubectl);
+        cmd.arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args([
                 "-n",
@@ -215,16 +219,9 @@ impl Cluster {
                 "exec",
                 &format!("deploy/{}", ceph.deployment),
             ])
-            .args(["--", "ceph", "status", "--format", "json"])
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.kubectl.display()))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(format!(
-                "ceph status failed: {}",
-                err.lines().last().unwrap_or("no output")
-            ));
-        }
+            .args(["--", "ceph", "status", "--format", "json"]);
+        let out = crate::command::run(cmd, timeout.min(Duration::from_secs(60)))
+            .map_err(|e| format!("ceph status: {e}"))?;
         ceph.judge(&String::from_utf8_lossy(&out.stdout))
     }
 
@@ -305,7 +302,7 @@ impl Cluster {
             }
         }
         if let Some(c) = ceph {
-            if let Err(why) = self.ceph_healthy(c) {
+            if let Err(why) = self.ceph_healthy(c, Duration::from_secs(60)) {
                 return Ok(Err(why));
             }
         }
@@ -543,7 +540,13 @@ impl Cluster {
                     NAMESPACE,
                     name,
                     &mut rv,
-                    left.min(Duration::from_secs(300)),
+                    // Within a pass, short watches: each one's end is progress the
+                    // watchdog sees (between passes nothing stalls).
+                    left.min(if crate::progress::in_pass() {
+                        Duration::from_secs(30)
+                    } else {
+                        Duration::from_secs(300)
+                    }),
                     &mut |l| {
                         found = done(l.as_ref());
                         found.is_some()
@@ -805,14 +808,20 @@ impl Cluster {
         rollout: &nk3_common::inventory::Rollout,
         watch_namespaces: &[String],
         fresh: &Fresh,
+        deadline: SystemTime,
     ) -> Result<(), String> {
+        // Every probe is bounded by what is left of the health timeout: a check that hangs
+        // is stopped and counts as failed, never waited for.
+        let left = || {
+            deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .max(Duration::from_millis(100))
+        };
         let checks: &[HealthCheck] = &rollout.health_checks;
-        let active = std::process::Command::new(systemctl)
-            .args(["is-active", "--quiet", "k3s.service"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !active {
+        let mut is_active = std::process::Command::new(systemctl);
+        is_active.args(["is-active", "--quiet", "k3s.service"]);
+        if crate::command::run(is_active, left().min(Duration::from_secs(30))).is_err() {
             return Err("k3s.service is not active".into());
         }
         if !self.kube.ready() {
@@ -866,24 +875,33 @@ impl Cluster {
             }
         }
         if let Some(c) = &rollout.ceph {
-            self.ceph_healthy(c)?;
+            self.ceph_healthy(c, left())?;
         }
         for c in checks {
             match c {
                 HealthCheck::Command { name, argv } => {
-                    let ok = argv.split_first().is_some_and(|(p, args)| {
-                        std::process::Command::new(p)
-                            .args(args)
-                            .status()
-                            .is_ok_and(|s| s.success())
-                    });
-                    if !ok {
-                        return Err(format!("health check {name} failed"));
+                    let Some((p, args)) = argv.split_first() else {
+                        return Err(format!("health check {name} has no command"));
+                    };
+                    let mut cmd = std::process::Command::new(p);
+                    cmd.args(args);
+                    if let Err(e) = crate::command::run(cmd, left()) {
+                        return Err(match e.failure {
+                            crate::command::Failure::TimedOut => format!(
+                                "health check {name} did not finish within the health timeout; it was stopped"
+                            ),
+                            crate::command::Failure::NotStarted => {
+                                format!("health check {name} could not start: {}", e.tail)
+                            }
+                            crate::command::Failure::Exited => {
+                                format!("health check {name} failed ({})", e.status)
+                            }
+                        });
                     }
                 }
                 HealthCheck::Http { name, url } => {
                     let ok = reqwest::blocking::Client::builder()
-                        .timeout(Duration::from_secs(10))
+                        .timeout(left().min(Duration::from_secs(10)))
                         .build()
                         .ok()
                         .and_then(|c| c.get(url).send().ok())
@@ -901,15 +919,26 @@ impl Cluster {
     /// (a build, switch or drain can take longer than a lease lasts).
     pub fn keep_renewed(self: &Arc<Self>, lease: &str, duration: Duration) -> Renewer {
         let stop = Arc::new(AtomicBool::new(false));
-        let (me, lease, flag) = (self.clone(), lease.to_string(), stop.clone());
+        let lost = Arc::new(std::sync::Mutex::new(None));
+        let (me, lease, flag, gone) = (self.clone(), lease.to_string(), stop.clone(), lost.clone());
         let every = (duration / 3).max(Duration::from_millis(200));
         let handle = std::thread::spawn(move || {
             let mut last = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 if last.elapsed() >= every {
-                    if let Err(e) = me.renew(&lease, duration) {
-                        tracing::warn!(host = %me.me, "cannot renew lease {lease}: {e}");
+                    match me.renew(&lease, duration) {
+                        Ok(()) => {}
+                        Err(KubeError::Status {
+                            reason, message, ..
+                        }) if reason == "LeaseLost" => {
+                            tracing::error!(host = %me.me, "lost the rollout lease {lease}: {message}");
+                            if let Ok(mut l) = gone.lock() {
+                                *l = Some(message);
+                            }
+                            return;
+                        }
+                        Err(e) => tracing::warn!(host = %me.me, "cannot renew lease {lease}: {e}"),
                     }
                     last = Instant::now();
                 }
@@ -917,6 +946,7 @@ impl Cluster {
         });
         Renewer {
             stop,
+            lost,
             handle: Some(handle),
         }
     }
@@ -999,11 +1029,20 @@ impl Cluster {
 /// The first (or only) lease, which also carries halts.
 const LEASE_FIRST: &str = LEASE;
 
-/// Renews a lease in the background while it lives.
+/// Renews a lease in the background while it lives, and says when the lease was lost.
 #[derive(Debug)]
 pub struct Renewer {
     stop: Arc<AtomicBool>,
+    lost: Arc<std::sync::Mutex<Option<String>>>,
     handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Renewer {
+    /// Why the lease is no longer this node's (another holds it now), if it is not: then
+    /// the node must not go on disrupting itself.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().ok().and_then(|l| l.clone())
+    }
 }
 
 impl Drop for Renewer {

@@ -3,7 +3,7 @@
 //! Each regression test is named after the bug it pins.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nk3_controlplane::{ControlPlane, NODE_MONITOR_GRACE};
 use serde_json::json;
@@ -364,18 +364,39 @@ fn stale_ready_verification_needs_this_boots_id_and_a_heartbeat_after_the_switch
     };
     let now = std::time::SystemTime::now();
     assert_eq!(
-        c.healthy(ok, &[], &rollout, &[], &fresh("boot-of-n1", now)),
+        c.healthy(
+            ok,
+            &[],
+            &rollout,
+            &[],
+            &fresh("boot-of-n1", now),
+            SystemTime::now() + Duration::from_secs(30),
+        ),
         Err("node n1's kubelet has not renewed its heartbeat since the switch".into()),
         "Ready, but nothing reported since the switch yet"
     );
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        c.healthy(ok, &[], &rollout, &[], &fresh("boot-of-n1", now)),
+        c.healthy(
+            ok,
+            &[],
+            &rollout,
+            &[],
+            &fresh("boot-of-n1", now),
+            SystemTime::now() + Duration::from_secs(30),
+        ),
         Ok(())
     );
     // A Ready condition from before a reboot: not this boot's.
     let why = c
-        .healthy(ok, &[], &rollout, &[], &fresh("a-new-boot", now))
+        .healthy(
+            ok,
+            &[],
+            &rollout,
+            &[],
+            &fresh("a-new-boot", now),
+            SystemTime::now() + Duration::from_secs(30),
+        )
         .unwrap_err();
     assert!(why.contains("has not reported this boot yet"), "{why}");
 }
@@ -522,5 +543,34 @@ fn lease_handoff_latency() {
         pct(0.5).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
         samples.last().unwrap().as_secs_f64() * 1e3
+    );
+}
+
+#[test]
+fn losing_the_lease_is_seen_by_the_holder_not_renewed_over() {
+    let cp = ControlPlane::start();
+    let me = connect(&cp, "me");
+    let Acquire::Held(name) = me.acquire(1, Duration::from_secs(2)).unwrap() else {
+        panic!("not taken");
+    };
+    let renewing = me.keep_renewed(&name, Duration::from_secs(2));
+    assert_eq!(renewing.lost(), None);
+    // An admin (or a node that judged it expired) gives it to someone else.
+    let path = ControlPlane::path("leases", NAMESPACE, &name);
+    let mut l = cp.get(&path).unwrap();
+    l["spec"]["holderIdentity"] = serde_json::json!("other");
+    cp.send(reqwest::Method::PUT, &path, "application/json", &l)
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while renewing.lost().is_none() {
+        assert!(Instant::now() < until, "the loss was never seen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(renewing.lost().unwrap().contains("held by other"));
+    drop(renewing);
+    assert_eq!(
+        cp.get(&path).unwrap()["spec"]["holderIdentity"],
+        "other",
+        "the renewer did not write over the new holder"
     );
 }

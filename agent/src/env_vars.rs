@@ -27,6 +27,10 @@ pub const NK3_KUBECONFIG: &str = "NK3_KUBECONFIG";
 pub const NK3_K3S_DATA_DIR: &str = "NK3_K3S_DATA_DIR";
 /// `render`: the `system.stateVersion` for an inventory that sets none.
 pub const NK3_STATE_VERSION: &str = "NK3_STATE_VERSION";
+/// The longest a build may take.
+pub const NK3_BUILD_TIMEOUT: &str = "NK3_BUILD_TIMEOUT";
+/// The longest a switch, boot or rollback may take.
+pub const NK3_SWITCH_TIMEOUT: &str = "NK3_SWITCH_TIMEOUT";
 /// The nixos-rebuild command.
 pub const NK3_NIXOS_REBUILD: &str = "NK3_NIXOS_REBUILD";
 /// The systemctl command.

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use git2::{
@@ -75,6 +76,8 @@ pub struct Source {
     branch: String,
     dir: PathBuf,
     access: Access,
+    /// The longest a fetch may take as a whole.
+    pub whole_fetch: Duration,
 }
 
 /// What a poll found.
@@ -130,6 +133,7 @@ impl Source {
             branch: branch.to_string(),
             dir: dir.to_path_buf(),
             access,
+            whole_fetch: Duration::from_secs(600),
         }
     }
 
@@ -212,7 +216,15 @@ impl Source {
             });
         }
         let mut opts = FetchOptions::new();
-        opts.remote_callbacks(self.callbacks());
+        // --git-timeout bounds each read; the fetch as a whole may take ten of them, so a
+        // server trickling a byte at a time does not hold the pass forever.
+        let mut cb = self.callbacks();
+        let until = std::time::Instant::now() + self.whole_fetch;
+        cb.transfer_progress(move |_| {
+            crate::progress::beat();
+            std::time::Instant::now() < until
+        });
+        opts.remote_callbacks(cb);
         opts.download_tags(AutotagOption::None);
         let refspec = format!("+{wanted}:{}", self.tracking_ref());
         remote
@@ -275,20 +287,18 @@ impl Source {
             commit: commit.to_string(),
             detail,
         };
-        let out = cmd
-            .output()
-            .map_err(|e| unsigned(format!("cannot run {}: {e}", signers.git.display())))?;
-        if out.status.success() {
-            return Ok(());
+        match crate::command::run(cmd, Duration::from_secs(60)) {
+            Ok(_) => Ok(()),
+            Err(e) if e.failure == crate::command::Failure::Exited => Err(unsigned(
+                e.tail
+                    .rsplit(" | ")
+                    .next()
+                    .filter(|l| !l.is_empty())
+                    .unwrap_or("no signature")
+                    .to_string(),
+            )),
+            Err(e) => Err(unsigned(e.to_string())),
         }
-        let text = String::from_utf8_lossy(&out.stderr);
-        let detail = text
-            .lines()
-            .map(str::trim)
-            .rfind(|l| !l.is_empty())
-            .unwrap_or("no signature")
-            .to_string();
-        Err(unsigned(detail))
     }
 
     /// A file of the commit's tree, or `None` when the commit has no such file.

@@ -160,6 +160,7 @@ impl Kube {
         let mut delay = Duration::from_millis(200);
         let mut last = String::new();
         for attempt in 1..=attempts {
+            crate::progress::beat();
             let mut req = self
                 .http
                 .request(method.clone(), format!("{}{path}", self.base));
@@ -346,6 +347,7 @@ impl Kube {
         let mut line = String::new();
         loop {
             line.clear();
+            crate::progress::beat();
             match reader.read_line(&mut line) {
                 Ok(0) | Err(_) => return Ok(WatchEvent::Ended),
                 Ok(_) => {}

@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 #[cfg(test)]
 mod cluster_tests;
+mod command;
 mod commands;
 mod drain;
 mod env_vars;
@@ -13,6 +14,7 @@ mod kube;
 mod logging;
 mod machine;
 mod metrics;
+mod progress;
 mod reconcile;
 mod rollout;
 mod state;

@@ -114,7 +114,7 @@ impl Agent {
             .repo
             .clone()
             .ok_or_else(|| anyhow!("no repository: pass --repo URL or set NK3_REPO"))?;
-        let source = Source::new(
+        let mut source = Source::new(
             &repo,
             &settings.branch,
             &settings.state_dir.join("repo"),
@@ -125,6 +125,7 @@ impl Agent {
                 url_password: None,
             },
         );
+        source.whole_fetch = settings.git_timeout.saturating_mul(10);
         let nixos = Nixos {
             nixos_rebuild: settings.nixos_rebuild.clone(),
             systemctl: settings.systemctl.clone(),
@@ -134,6 +135,8 @@ impl Agent {
             current_system: settings.current_system.clone(),
             booted_system: settings.booted_system.clone(),
             boot_id_file: settings.boot_id_file.clone(),
+            build_timeout: settings.build_timeout,
+            switch_timeout: settings.switch_timeout,
         };
         let signers = Signers {
             allowed_signers: settings.allowed_signers.clone(),
@@ -175,6 +178,7 @@ impl Agent {
     }
 
     pub(crate) fn save(&self) -> anyhow::Result<()> {
+        crate::progress::beat();
         state::save(&self.settings.state_dir, &self.state)
     }
 
@@ -773,6 +777,7 @@ impl Agent {
             system: system.clone(),
             reboot,
             hold: hold.clone(),
+            rollback: None,
         };
         if hold.is_some() {
             // Under the lease the cluster sees each step (kubectl describe node).

@@ -253,7 +253,7 @@ impl Agent {
         // disruption.
         let mut ready_before = cluster.ready_nodes()?;
         ready_before.retain(|n| t.members.contains(n));
-        let _renewing = cluster.keep_renewed(&lease, r.lease_duration);
+        let renewing = cluster.keep_renewed(&lease, r.lease_duration);
         let mut hold = Hold {
             lease,
             was_unschedulable: false,
@@ -293,7 +293,20 @@ impl Agent {
             cluster.event("DrainTimedOut", &why, true);
             return self.finish(Outcome::Waiting, Some(&t.commit), why);
         }
-        // 9. Switch or reboot, holding the lease.
+        // Losing the lease is something seen, not assumed away: whoever holds it now may be
+        // disrupting itself, so this node does not switch.
+        if let Some(why) = renewing.lost() {
+            cluster.uncordon(hold.was_unschedulable)?;
+            let _ = cluster.annotate(None, "idle");
+            self.state.phase = Phase::Built {
+                commit: t.commit.clone(),
+                system,
+            };
+            let msg = format!("lost the rollout lease while draining ({why}); uncordoned {} without switching, will try again", t.host);
+            warn!(host = %t.host, commit = %c, "{msg}");
+            return self.finish(Outcome::Waiting, Some(&t.commit), msg);
+        }
+        // 9. Switch or reboot, holding the lease (renewed all through).
         self.switch(t, system, Some(hold))
     }
 
@@ -341,7 +354,14 @@ impl Agent {
                 boot_id: self.nixos().boot_id()?,
                 since,
             };
-            match cluster.healthy(&systemctl, &hold.ready_before, rollout, &watch, &fresh) {
+            match cluster.healthy(
+                &systemctl,
+                &hold.ready_before,
+                rollout,
+                &watch,
+                &fresh,
+                deadline,
+            ) {
                 Ok(()) => break Ok(()),
                 Err(why) if SystemTime::now() >= deadline => break Err(why),
                 Err(_) => std::thread::sleep(VERIFY_EVERY),
@@ -432,6 +452,7 @@ impl Agent {
             system: previous.clone(),
             reboot: false,
             hold: Some(hold.clone()),
+            rollback: Some(why.clone()),
         };
         self.save()?;
         if let Err(e) = self.nixos().rollback() {
@@ -579,7 +600,42 @@ impl Agent {
                 commit,
                 system,
                 hold: Some(hold),
+                rollback: Some(why),
+                ..
+            } => {
+                // Stopped in the middle of a rollback: finish it (switch back again if it
+                // had not happened), then verify it as the rollback it is, and halt.
+                let inv = self.inventory_at(repo, &commit)?;
+                if self.nixos().current().as_deref() == Some(system.as_str()) {
+                    warn!(host = %host, commit = %short(Some(&commit)), "resuming the rollback from commit {}: checking the previous generation's health", short(Some(&commit)));
+                    let r = Resumed {
+                        commit,
+                        host,
+                        system,
+                        hold,
+                        deadline: None,
+                        rollback: Some(why),
+                        since: None,
+                    };
+                    return self.verify_resumed(repo, r).map(Some);
+                }
+                warn!(host = %host, commit = %short(Some(&commit)), "the rollback from commit {} was interrupted; rolling back again", short(Some(&commit)));
+                self.roll_back(
+                    &commit,
+                    &host,
+                    hold,
+                    &inv.rollout,
+                    why,
+                    inv.watch_namespaces.clone(),
+                )
+                .map(Some)
+            }
+            Phase::Switching {
+                commit,
+                system,
+                hold: Some(hold),
                 reboot: false,
+                rollback: None,
             } if self.nixos().current().as_deref() == Some(system.as_str()) => {
                 // The switch finished before the agent stopped: verify it, under the lease.
                 self.verify_resumed(

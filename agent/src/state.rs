@@ -196,6 +196,7 @@ mod tests {
                 ready_before: vec!["a".into(), "b".into()],
                 since: Some("2026-11-23T10:00:00Z".into()),
             }),
+            rollback: Some("k3s.service is not active".into()),
         };
         save(dir.path(), &s).unwrap();
         match load(dir.path()).unwrap() {

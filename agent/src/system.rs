@@ -3,9 +3,12 @@
 //! systems are.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+
+pub use crate::command::{CommandFailed, Failure};
 
 /// The commands and paths of the NixOS side, all settings.
 #[derive(Debug, Clone)]
@@ -26,22 +29,14 @@ pub struct Nixos {
     pub booted_system: PathBuf,
     /// The boot id file.
     pub boot_id_file: PathBuf,
+    /// The longest `nixos-rebuild build` may take.
+    pub build_timeout: Duration,
+    /// The longest a switch, boot or rollback may take.
+    pub switch_timeout: Duration,
 }
 
-/// A command that failed, with the end of what it printed.
-#[derive(Debug, thiserror::Error)]
-#[error("{command} failed ({status}): {tail}")]
-pub struct CommandFailed {
-    /// The command line, for people.
-    pub command: String,
-    /// How it ended.
-    pub status: String,
-    /// Its last lines of output (error lines first).
-    pub tail: String,
-}
-
-/// How many lines of a failing command's output are kept.
-const TAIL_LINES: usize = 12;
+/// The longest `systemctl reboot` or `nix-channel --add` may take.
+const SHORT: Duration = Duration::from_secs(300);
 
 impl Nixos {
     fn rebuild(&self, action: &str, upgrade: bool) -> Command {
@@ -59,12 +54,13 @@ impl Nixos {
     /// `nixos-rebuild build`: the new system's store path.
     pub fn build(&self, upgrade: bool) -> Result<String, CommandFailed> {
         let _ = std::fs::remove_file(self.work_dir.join("result"));
-        run(self.rebuild("build", upgrade))?;
+        run(self.rebuild("build", upgrade), self.build_timeout)?;
         let link = self.work_dir.join("result");
         std::fs::canonicalize(&link)
             .map(|p| p.display().to_string())
             .map_err(|e| CommandFailed {
                 command: "nixos-rebuild build".into(),
+                failure: Failure::Exited,
                 status: "no result".into(),
                 tail: format!("it left no {} link ({e})", link.display()),
             })
@@ -72,7 +68,7 @@ impl Nixos {
 
     /// `nixos-rebuild switch`: activate now.
     pub fn switch(&self) -> Result<(), CommandFailed> {
-        run(self.rebuild("switch", false))
+        run(self.rebuild("switch", false), self.switch_timeout)
     }
 
     /// `nixos-rebuild switch --rollback`: back to the previous generation.
@@ -80,19 +76,19 @@ impl Nixos {
         let mut cmd = Command::new(&self.nixos_rebuild);
         cmd.args(["switch", "--rollback"])
             .current_dir(&self.work_dir);
-        run(cmd)
+        run(cmd, self.switch_timeout)
     }
 
     /// `nixos-rebuild boot`: make it the default for the next boot.
     pub fn boot(&self) -> Result<(), CommandFailed> {
-        run(self.rebuild("boot", false))
+        run(self.rebuild("boot", false), self.switch_timeout)
     }
 
     /// `systemctl reboot`.
     pub fn reboot(&self) -> Result<(), CommandFailed> {
         let mut cmd = Command::new(&self.systemctl);
         cmd.arg("reboot");
-        run(cmd)
+        run(cmd, SHORT)
     }
 
     /// Points the `nixos` channel at `https://nixos.org/channels/<name>`.
@@ -103,7 +99,7 @@ impl Nixos {
             &format!("https://nixos.org/channels/{name}"),
             "nixos",
         ]);
-        run(cmd)
+        run(cmd, SHORT)
     }
 
     /// The running system's store path.
@@ -159,54 +155,8 @@ fn resolve(p: &Path) -> Option<String> {
         .map(|p| p.display().to_string())
 }
 
-fn run(mut cmd: Command) -> Result<(), CommandFailed> {
-    let line = describe(&cmd);
-    let out: Output = cmd.output().map_err(|e| CommandFailed {
-        command: line.clone(),
-        status: "not started".into(),
-        tail: e.to_string(),
-    })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(CommandFailed {
-        command: line,
-        status: out.status.to_string(),
-        tail: tail(&out),
-    })
-}
-
-/// The lines that explain a failure: Nix's `error:` lines and what follows them, else the
-/// last lines.
-fn tail(out: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .collect();
-    let start = lines
-        .iter()
-        .position(|l| l.trim_start().starts_with("error:"))
-        .unwrap_or(lines.len().saturating_sub(TAIL_LINES));
-    let end = (start + TAIL_LINES).min(lines.len());
-    lines[start..end].join(" | ")
-}
-
-fn describe(cmd: &Command) -> String {
-    let mut s = Path::new(cmd.get_program())
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
+fn run(cmd: Command, timeout: Duration) -> Result<(), CommandFailed> {
+    crate::command::run(cmd, timeout).map(|_| ())
 }
 
 #[cfg(test)]
@@ -216,13 +166,13 @@ mod tests {
 
     #[test]
     fn the_tail_starts_at_the_nix_error() {
-        let out = Output {
+        let out = std::process::Output {
             status: std::process::ExitStatus::from_raw(256),
             stdout: b"building the system configuration...\n".to_vec(),
             stderr: b"warning: x\nerror: undefined variable 'foo'\n       at /etc/nixos/configuration.nix:3:5\n".to_vec(),
         };
         assert_eq!(
-            tail(&out),
+            crate::command::tail(&out),
             "error: undefined variable 'foo' |        at /etc/nixos/configuration.nix:3:5"
         );
     }
@@ -248,6 +198,8 @@ mod tests {
             current_system: booted.clone(),
             booted_system: booted,
             boot_id_file: dir.path().join("boot_id"),
+            build_timeout: Duration::from_secs(60),
+            switch_timeout: Duration::from_secs(60),
         };
         let same = mk("same", "k1", "quiet");
         // Different store paths with equal contents are different systems only when the

@@ -64,6 +64,10 @@ pub enum Phase {
         /// The lease held, for a node of a cluster.
         #[serde(default)]
         hold: Option<Hold>,
+        /// A switch back (`nixos-rebuild switch --rollback`): why the new generation was
+        /// rolled back. A restart then finishes the rollback, never a forward switch.
+        #[serde(default)]
+        rollback: Option<String>,
     },
     /// A reboot was asked for; a new boot id means it happened.
     Rebooting {

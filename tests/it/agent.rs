@@ -973,3 +973,57 @@ fn a_fresh_join_address_without_an_initiator_is_refused_not_left_waiting_for_its
     let out = stdout(&run(nk3().arg("validate").arg(&file)));
     assert!(out.contains("note: no node is `initiator: true`"), "{out}");
 }
+
+#[test]
+fn a_pass_stalled_where_no_timeout_reaches_stops_feeding_the_watchdog() {
+    // A git server that takes the connection and then says nothing, with git's own read
+    // timeout ten minutes away: only the watchdog can end this.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming() {
+            held.push(c);
+        }
+    });
+    let mut node = Node::new(&format!("git://127.0.0.1:{port}/infra.git"), "172.30.190.3");
+    node.env.push(("NK3_GIT_TIMEOUT".into(), "10m".into()));
+    let sock_path = node.root.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let agent = node.agent(&[]);
+    let mut daemon = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" run")
+        .arg(agent.get_program())
+        .envs(agent.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut late = Vec::new();
+    let mut ready = false;
+    let mut buf = [0u8; 1024];
+    while start.elapsed() < std::time::Duration::from_secs(6) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            ready |= m.contains("READY=1");
+            if m.contains("WATCHDOG=1") && start.elapsed() > std::time::Duration::from_secs(3) {
+                late.push(m);
+            }
+        }
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(ready, "{log}");
+    assert!(
+        late.is_empty(),
+        "still feeding the watchdog: {late:?}\n{log}"
+    );
+    assert!(log.contains("the pass has made no progress for"), "{log}");
+}

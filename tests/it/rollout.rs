@@ -355,6 +355,65 @@ fn an_unhealthy_generation_rolls_back_and_halts_the_commit_for_everyone() {
 }
 
 #[test]
+fn a_kill_right_after_switch_rollback_does_not_forget_the_rollback() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut n3 = member(&repo, &api, "172.30.190.3", HOST3);
+    let n4 = member(&repo, &api, "172.30.190.4", HOST4);
+    let system3 = n3.current_system();
+    repo.commit("broken.nix.hbs", &broken_template(), "template");
+    let bad = repo.commit(
+        "inventory.yaml",
+        &inventory("  template: broken.nix.hbs\n"),
+        "a generation whose k3s never starts",
+    );
+    // Killed the moment `nixos-rebuild switch --rollback` is done.
+    n3.env.push(("NK3_FAKE_KILL".into(), "rollback-end".into()));
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(
+        n3.run_once().status.signal(),
+        Some(9),
+        "killed at rollback-end"
+    );
+    n3.env.clear();
+    let mut log = String::new();
+    for _ in 0..3 {
+        log.push_str(&stderr(&n3.run_once()));
+        if n3.state()["phase"]["name"] == "idle" {
+            break;
+        }
+    }
+    assert_ne!(
+        n3.state()["applied"],
+        bad.as_str(),
+        "the bad commit is not recorded as applied:\n{log}"
+    );
+    assert_eq!(n3.state()["rejected"]["commit"], bad.as_str(), "{log}");
+    assert_eq!(
+        n3.current_system(),
+        system3,
+        "it runs the previous generation"
+    );
+    assert_eq!(
+        lease(&api)["metadata"]["annotations"]["nk3.io/halted-commit"],
+        bad.as_str(),
+        "the commit is halted for everyone:\n{log}"
+    );
+    assert_eq!(holder(&api), None, "released");
+    // The next node does not apply it.
+    let o = n4.run_once();
+    assert!(
+        stderr(&o).contains("is halted for the cluster"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(n4
+        .calls("nixos-rebuild")
+        .iter()
+        .all(|c| !c.starts_with("switch")));
+}
+
+#[test]
 fn when_even_the_rollback_is_unhealthy_the_node_keeps_the_lease() {
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));
@@ -388,6 +447,33 @@ fn when_even_the_rollback_is_unhealthy_the_node_keeps_the_lease() {
         reasons.contains(&"RolloutFrozen".to_string()),
         "{reasons:?}"
     );
+}
+
+#[test]
+fn health_timeout_is_a_bound_a_check_slower_than_it_is_stopped_not_waited_for_and_judged_healthy() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = member(&repo, &api, "172.30.190.3", HOST3);
+    // The commit brings a check that takes 15 s, under a health timeout of 3 s.
+    let slow = dns(&inventory(""), "9.9.9.9").replace(
+        "    health_timeout: 3s\n",
+        "    health_timeout: 3s\n    health_checks:\n      - { name: slow, command: [sleep, \"15\"] }\n",
+    );
+    let head = repo.commit("inventory.yaml", &slow, "a slow check");
+    let started = Instant::now();
+    let o = node.run_once();
+    let took = started.elapsed();
+    let log = stderr(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(
+        log.contains("health check slow did not finish within the health timeout"),
+        "{log}"
+    );
+    assert_ne!(node.state()["applied"], head.as_str(), "not judged healthy");
+    // Both verifications (the new generation's, the rollback's) ended at their timeout;
+    // waiting for the check would take 30 s.
+    assert!(took < Duration::from_secs(25), "{took:?}\n{log}");
+    assert_eq!(node.state()["phase"]["name"], "frozen", "{log}");
 }
 
 #[test]

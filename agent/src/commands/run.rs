@@ -78,6 +78,8 @@ fn check(args: &RunArgs) -> anyhow::Result<ExitCode> {
         "kubeconfig": a.kubeconfig.display().to_string(),
         "k3s_data_dir": a.k3s_data_dir.display().to_string(),
         "nixos_rebuild": a.nixos_rebuild.display().to_string(),
+        "build_timeout": humantime::format_duration(a.build_timeout).to_string(),
+        "switch_timeout": humantime::format_duration(a.switch_timeout).to_string(),
         "systemctl": a.systemctl.display().to_string(),
         "nix_channel": a.nix_channel.display().to_string(),
         "git": a.git.display().to_string(),
@@ -103,7 +105,10 @@ fn check(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
 /// One pass; an error is logged (with the phase it left) rather than ending the daemon.
 fn pass(agent: &mut Agent) -> Option<Outcome> {
-    match agent.pass() {
+    crate::progress::pass_started();
+    let result = agent.pass();
+    crate::progress::pass_ended();
+    match result {
         Ok(o) => Some(o),
         Err(e) => {
             let host = agent
@@ -142,16 +147,29 @@ async fn daemon(
         info!("metrics at http://{addr}/metrics");
         tokio::spawn(metrics::serve(listener, shared.clone()));
     }
-    // Feed systemd's watchdog at half its interval. This proves the runtime is alive; a pass
-    // is bounded by its own timeouts (git, and the commands it runs).
+    // Feed systemd's watchdog at half its interval, but only while the pass gets on (see
+    // `progress`): a pass stalled where no timeout reaches stops the feeding, and systemd
+    // restarts the agent, which resumes from state.json.
     let mut usec = 0;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let every = Duration::from_micros(usec / 2);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut told = false;
             loop {
                 tick.tick().await;
-                notify(&[NotifyState::Watchdog]);
+                match crate::progress::stalled_for() {
+                    Some(d) if d >= every => {
+                        if !told {
+                            error!("the pass has made no progress for {}; no longer feeding systemd's watchdog, which restarts the agent (state.json says where it was)", humantime::format_duration(d));
+                            told = true;
+                        }
+                    }
+                    _ => {
+                        told = false;
+                        notify(&[NotifyState::Watchdog]);
+                    }
+                }
             }
         });
     }
