@@ -66,13 +66,19 @@ pub fn lease_names(max_unavailable: u32) -> Vec<String> {
     names
 }
 
-/// Everything an agent does in the API, for a rollout of `max_unavailable` and, when the
-/// inventory has the Ceph check, the Ceph tools deployment's namespace.
-pub fn permissions(max_unavailable: u32, ceph_namespace: Option<&str>) -> Vec<Permission> {
+/// Everything the agent of `node` does in the API, for a rollout of `max_unavailable` and,
+/// when the inventory has the Ceph check, the Ceph tools deployment's namespace.
+pub fn permissions(
+    node: &str,
+    max_unavailable: u32,
+    ceph_namespace: Option<&str>,
+) -> Vec<Permission> {
     let leases = lease_names(max_unavailable);
     let mut p = vec![
-        // The gate (every node Ready), cordon, uncordon and the nk3.io annotations.
-        rule(&["get", "list", "patch"], "", "nodes", None, &[]),
+        // The gate (every node Ready) reads them all; cordon, uncordon and the nk3.io
+        // annotations patch only this node (a role of its own: see `objects`).
+        rule(&["get", "list"], "", "nodes", None, &[]),
+        rule(&["patch"], "", "nodes", None, &[node.to_string()]),
         // The drain: this node's pods (by field selector), then each one until it is gone.
         rule(&["get", "list"], "", "pods", None, &[]),
         rule(&["create"], "", "pods/eviction", None, &[]),
@@ -117,10 +123,17 @@ pub fn permissions(max_unavailable: u32, ceph_namespace: Option<&str>) -> Vec<Pe
     p
 }
 
-/// The RBAC rules of `perms`, by namespace (`None`: the ClusterRole's).
+/// Whether a rule is about one node's own objects (its Node): those go in a ClusterRole of
+/// that node's, not in the roles every agent node shares.
+fn own(p: &Permission) -> bool {
+    p.namespace.is_none() && p.resource == "nodes" && !p.names.is_empty()
+}
+
+/// The RBAC rules of `perms` every agent node shares, by namespace (`None`: the
+/// ClusterRole's).
 pub fn rules(perms: &[Permission]) -> BTreeMap<Option<String>, Vec<Value>> {
     let mut by_ns: BTreeMap<Option<String>, Vec<Value>> = BTreeMap::new();
-    for p in perms {
+    for p in perms.iter().filter(|p| !own(p)) {
         let mut r = json!({
             "apiGroups": [p.group],
             "resources": [p.resource],
@@ -244,6 +257,33 @@ pub fn objects(node: &str, perms: &[Permission]) -> Vec<Object> {
         out.push(role);
         out.push(binding);
     }
+    // The node's own: patch its Node, no other.
+    let mine: Vec<Value> = perms
+        .iter()
+        .filter(|p| own(p))
+        .map(|p| json!({ "apiGroups": [p.group], "resources": [p.resource], "verbs": p.verbs, "resourceNames": p.names }))
+        .collect();
+    if !mine.is_empty() {
+        let name = format!("{sa}-self");
+        out.push(Object {
+            collection: format!("{RBAC}/clusterroles"),
+            describe: format!("clusterrole {name}"),
+            body: json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": meta(&name, None), "rules": mine,
+            }),
+        });
+        out.push(Object {
+            collection: format!("{RBAC}/clusterrolebindings"),
+            describe: format!("clusterrolebinding {name}"),
+            body: json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": meta(&name, None),
+                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name },
+                "subjects": subject,
+            }),
+        });
+    }
     out
 }
 
@@ -362,7 +402,7 @@ mod tests {
                 "nk3-rollout-2"
             ]
         );
-        let r = rules(&permissions(2, None));
+        let r = rules(&permissions("n1", 2, None));
         let ks = &r[&Some("kube-system".to_string())];
         assert_eq!(
             ks[0]["resourceNames"],
@@ -374,7 +414,7 @@ mod tests {
 
     #[test]
     fn nothing_is_granted_on_secrets_or_with_wildcards() {
-        for p in permissions(5, Some("rook-ceph")) {
+        for p in permissions("n1", 5, Some("rook-ceph")) {
             assert_ne!(p.resource, "secrets");
             assert!(!p.verbs.contains(&"*") && p.resource != "*" && p.group != "*");
             assert!(!p.verbs.contains(&"delete"), "{p:?}");
@@ -383,7 +423,7 @@ mod tests {
 
     #[test]
     fn objects_bind_one_account_per_node_to_shared_roles() {
-        let objs = objects("n1", &permissions(1, None));
+        let objs = objects("n1", &permissions("n1", 1, None));
         let kinds: Vec<String> = objs.iter().map(|o| o.describe.clone()).collect();
         assert_eq!(
             kinds,
@@ -397,8 +437,20 @@ mod tests {
                 "rolebinding kube-node-lease/nk3-agent-n1",
                 "role kube-system/nk3-agent",
                 "rolebinding kube-system/nk3-agent-n1",
+                "clusterrole nk3-agent-n1-self",
+                "clusterrolebinding nk3-agent-n1-self",
             ]
         );
+        // Patching nodes: its own only.
+        let own = &objs[9].body["rules"][0];
+        assert_eq!(own["verbs"], json!(["patch"]));
+        assert_eq!(own["resourceNames"], json!(["n1"]));
+        let shared = &objs[1].body["rules"];
+        assert!(shared
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| !r["verbs"].as_array().unwrap().contains(&json!("patch"))));
         let b = &objs[2].body;
         assert_eq!(b["subjects"][0]["name"], "nk3-agent-n1");
         assert_eq!(

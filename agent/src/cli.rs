@@ -170,7 +170,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PATH", env = env_vars::NK3_INVENTORY_PATH, default_value = "inventory.yaml")]
     pub inventory_path: String,
     /// Time between polls (a random tenth is added so nodes do not poll in step).
-    #[arg(long, value_name = "DURATION", env = env_vars::NK3_POLL_INTERVAL, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", env = env_vars::NK3_POLL_INTERVAL, default_value = "60s", value_parser = bounded_duration)]
     pub poll_interval: std::time::Duration,
     /// The agent's own directory: git clone, state.json, lock, token file, backups.
     #[arg(long, value_name = "DIR", env = env_vars::NK3_STATE_DIR, default_value = DEFAULT_STATE_DIR)]
@@ -225,7 +225,7 @@ pub struct AgentArgs {
     pub boot_id_file: PathBuf,
     /// How long git may wait to connect to the repository, and for each answer while
     /// fetching, before the poll is given up (and retried at the next one).
-    #[arg(long, value_name = "DURATION", env = env_vars::NK3_GIT_TIMEOUT, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", env = env_vars::NK3_GIT_TIMEOUT, default_value = "60s", value_parser = bounded_duration)]
     pub git_timeout: std::time::Duration,
     /// SSH private key for an ssh:// repository.
     #[arg(long, value_name = "FILE", env = env_vars::NK3_SSH_KEY_FILE)]

@@ -488,7 +488,7 @@ impl Cluster {
             let c = l.map(claim);
             (c.as_ref().and_then(|c| c.holder.as_deref()) != Some(holder)).then_some(())
         };
-        self.watch_first(name, Instant::now() + timeout, changed)
+        self.watch_first(name, crate::clock::deadline(timeout), changed)
             .map(|_| ())
     }
 
@@ -702,7 +702,7 @@ impl Cluster {
         };
         let free = |l: Option<&Lease>| l.map(claim).is_none_or(|c| !c.is_held());
         let mut before: Option<Option<String>> = None;
-        self.watch_first(LEASE_FIRST, Instant::now() + timeout, |l| {
+        self.watch_first(LEASE_FIRST, crate::clock::deadline(timeout), |l| {
             let now = desired(l);
             let Some(b) = &before else {
                 before = Some(now);
@@ -922,6 +922,9 @@ impl Cluster {
         let lost = Arc::new(std::sync::Mutex::new(None));
         let (me, lease, flag, gone) = (self.clone(), lease.to_string(), stop.clone(), lost.clone());
         let every = (duration / 3).max(Duration::from_millis(200));
+        if let Ok(mut l) = LOST.lock() {
+            *l = None;
+        }
         let handle = std::thread::spawn(move || {
             let mut last = Instant::now();
             while !flag.load(Ordering::Relaxed) {
@@ -933,6 +936,9 @@ impl Cluster {
                             reason, message, ..
                         }) if reason == "LeaseLost" => {
                             tracing::error!(host = %me.me, "lost the rollout lease {lease}: {message}");
+                            if let Ok(mut l) = LOST.lock() {
+                                *l = Some(message.clone());
+                            }
                             if let Ok(mut l) = gone.lock() {
                                 *l = Some(message);
                             }
@@ -1028,6 +1034,15 @@ impl Cluster {
 
 /// The first (or only) lease, which also carries halts.
 const LEASE_FIRST: &str = LEASE;
+
+/// Why the lease the running renewer keeps was lost, if it was (for the steps after the
+/// drain, which hold no renewer of their own: see [`lease_lost`]).
+static LOST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Why this agent's rollout lease is no longer its own, if another node holds it now.
+pub fn lease_lost() -> Option<String> {
+    LOST.lock().ok().and_then(|l| l.clone())
+}
 
 /// Renews a lease in the background while it lives, and says when the lease was lost.
 #[derive(Debug)]

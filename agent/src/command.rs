@@ -55,13 +55,26 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Result<Output, CommandFailed>
         .map_err(|e| failed(Failure::NotStarted, "not started".into(), e.to_string()))?;
     // Read both pipes while waiting, so a chatty command never blocks on a full pipe.
     let pipe = |p: Option<Box<dyn std::io::Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut buf = Vec::new();
             if let Some(mut p) = p {
                 let _ = p.read_to_end(&mut buf);
             }
-            buf
-        })
+            let _ = tx.send(buf);
+        });
+        rx
+    };
+    // What a pipe gave, waiting a moment at most: a process the command left behind may
+    // hold it open (it was killed with the group, but only the kernel says when it is gone).
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default()
+    };
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Nothing the command started outlives it: `sh -c 'sleep 3600 & exit 0'` would keep
+    // its pipes, and the agent, waiting.
+    let kill_group = || {
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
     };
     let out = pipe(child.stdout.take().map(|p| Box::new(p) as _));
     let err = pipe(child.stderr.take().map(|p| Box::new(p) as _));
@@ -79,15 +92,14 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Result<Output, CommandFailed>
             Err(e) => return Err(failed(Failure::Exited, "lost".into(), e.to_string())),
         }
     };
+    kill_group();
     let Some(status) = status else {
-        // The whole group: nixos-rebuild's nix, a check's children.
-        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        // The whole group went: nixos-rebuild's nix, a check's children.
         let _ = child.wait();
         let output = Output {
             status: std::os::unix::process::ExitStatusExt::from_raw(0),
-            stdout: out.join().unwrap_or_default(),
-            stderr: err.join().unwrap_or_default(),
+            stdout: collect(out),
+            stderr: collect(err),
         };
         return Err(failed(
             Failure::TimedOut,
@@ -100,8 +112,8 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Result<Output, CommandFailed>
     };
     let output = Output {
         status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout: collect(out),
+        stderr: collect(err),
     };
     if status.success() {
         Ok(output)
@@ -167,6 +179,18 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.failure, Failure::NotStarted);
+    }
+
+    #[test]
+    fn a_command_that_leaves_a_process_behind_does_not_keep_the_agent_waiting() {
+        let started = Instant::now();
+        let ok = run(sh("sleep 3600 & echo done"), Duration::from_secs(60)).unwrap();
+        assert_eq!(ok.stdout, b"done\n");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@ impl Cluster {
     /// Evicts this node's pods and waits for them to be gone. `Err` says why it did not
     /// finish within `timeout`; nothing here ends the pass early.
     pub fn drain(&self, timeout: Duration, keep_alive: &dyn Fn()) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::deadline(timeout);
         let pods = loop {
             match self.my_pods() {
                 Ok(p) => break p,

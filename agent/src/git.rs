@@ -123,7 +123,9 @@ impl Source {
             let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
             if let Some((userinfo, host)) = authority.rsplit_once('@') {
                 if let Some((user, password)) = userinfo.split_once(':') {
-                    access.url_password = Some(nk3_common::inventory::Secret::new(password));
+                    access.url_password = Some(nk3_common::inventory::Secret::new(
+                        percent_decoded(password),
+                    ));
                     url = format!("{scheme}://{user}@{host}{path}");
                 }
             }
@@ -219,7 +221,7 @@ impl Source {
         // --git-timeout bounds each read; the fetch as a whole may take ten of them, so a
         // server trickling a byte at a time does not hold the pass forever.
         let mut cb = self.callbacks();
-        let until = std::time::Instant::now() + self.whole_fetch;
+        let until = crate::clock::deadline(self.whole_fetch);
         cb.transfer_progress(move |_| {
             crate::progress::beat();
             std::time::Instant::now() < until
@@ -496,6 +498,31 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
     }
 }
 
+/// `%XX` escapes of a URL part decoded (a password `p%40ss` is `p@ss`).
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The port an ssh:// URL names (22 when it names none, and for scp-like `host:path`).
 fn ssh_port(url: &str) -> u16 {
     url.strip_prefix("ssh://")
@@ -545,6 +572,60 @@ mod tests {
         assert!(!known_hosts_allow(text, "other.example.com", 22, b"hello"));
     }
 
+    /// A seeded mutation run over known_hosts text and host names (the fuzz target for the
+    /// one parser in the agent itself; the others are in `common/tests/fuzz.rs`).
+    #[test]
+    fn known_hosts_fuzzed_never_panics() {
+        let corpus = "# c\ngit.example.com,10.0.0.9 ssh-ed25519 aGVsbG8=\n[h]:2222 ssh-ed25519 aGk=\n@revoked * ssh-rsa aGk=\n*.corp,!bad.corp ssh-ed25519 aGVsbG8h\n";
+        let pieces = [
+            "*",
+            "?",
+            "!",
+            "[",
+            "]:",
+            ",",
+            "@revoked ",
+            "@cert-authority ",
+            "é",
+            "\u{10ffff}",
+            " ",
+            "\n",
+            "=",
+            "|1|",
+            "aGk=",
+            ":99999",
+            "]",
+        ];
+        let mut x: u64 = 0x6b6e_6f77_6e5f_6873;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n.max(1) as u64) as usize
+        };
+        for _ in 0..20_000 {
+            let mut text: Vec<char> = corpus.chars().collect();
+            let mut host: Vec<char> = "git.example.com".chars().collect();
+            for _ in 0..1 + next(4) {
+                let p: Vec<char> = pieces[next(pieces.len())].chars().collect();
+                let target = if next(2) == 0 { &mut text } else { &mut host };
+                let at = next(target.len() + 1);
+                match next(3) {
+                    0 if !target.is_empty() => {
+                        target.remove(at.min(target.len() - 1));
+                    }
+                    _ => {
+                        target.splice(at..at, p);
+                    }
+                }
+            }
+            let (text, host): (String, String) =
+                (text.into_iter().collect(), host.into_iter().collect());
+            let _ = known_hosts_allow(&text, &host, next(65536) as u16, b"hello");
+            let _ = ssh_port(&format!("ssh://{host}/x"));
+        }
+    }
+
     #[test]
     fn known_hosts_never_panics_and_revoked_keys_lose() {
         let text = "*é* ssh-ed25519 aGVsbG8=\n\
@@ -586,6 +667,7 @@ mod tests {
             "{config}"
         );
         assert!(credentials(&src.access, Some("ci"), CredentialType::USER_PASS_PLAINTEXT).is_ok());
+        assert_eq!(percent_decoded("p%40ss%2Fw%zz"), "p@ss/w%zz");
         assert!(!format!("{src:?}").contains("s3cret"));
     }
 

@@ -2,6 +2,7 @@
 
 mod access;
 mod cli;
+mod clock;
 mod cluster;
 #[cfg(test)]
 mod cluster_tests;

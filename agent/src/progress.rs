@@ -10,6 +10,12 @@ use std::time::{Duration, SystemTime};
 static LAST: AtomicU64 = AtomicU64::new(0);
 static IN_PASS: AtomicBool = AtomicBool::new(false);
 
+thread_local! {
+    /// Whether this thread runs the pass: only its progress counts (the lease renewer's
+    /// requests go on whatever the pass does).
+    static PASS_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Milliseconds since the epoch.
 fn now() -> u64 {
     SystemTime::now()
@@ -17,13 +23,16 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The pass got on.
+/// The pass got on (from any other thread: nothing).
 pub fn beat() {
-    LAST.store(now(), Ordering::Relaxed);
+    if PASS_THREAD.with(std::cell::Cell::get) {
+        LAST.store(now(), Ordering::Relaxed);
+    }
 }
 
-/// A pass begins.
+/// A pass begins, on this thread.
 pub fn pass_started() {
+    PASS_THREAD.with(|p| p.set(true));
     beat();
     IN_PASS.store(true, Ordering::Relaxed);
 }
@@ -57,6 +66,9 @@ mod tests {
         pass_started();
         assert!(stalled_for().is_some_and(|d| d < Duration::from_secs(2)));
         LAST.store(now() - 600_000, Ordering::Relaxed);
+        assert!(stalled_for().is_some_and(|d| d >= Duration::from_secs(600)));
+        // Another thread's work (the lease renewer) is not the pass's progress.
+        std::thread::spawn(beat).join().unwrap();
         assert!(stalled_for().is_some_and(|d| d >= Duration::from_secs(600)));
         beat();
         assert!(stalled_for().is_some_and(|d| d < Duration::from_secs(2)));

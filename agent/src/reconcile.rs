@@ -772,6 +772,21 @@ impl Agent {
         let c = short(Some(&t.commit));
         let reasons = self.nixos.reboot_reasons(&system);
         let reboot = t.reboot == RebootPolicy::Always || !reasons.is_empty();
+        // The lease lost while the node was being drained: whoever holds it now may be
+        // disrupting itself; this node does not switch.
+        if let (Some(h), Some(why)) = (&hold, crate::cluster::lease_lost()) {
+            if let Some(cluster) = self.cluster(&t.host)? {
+                cluster.uncordon(h.was_unschedulable)?;
+                let _ = cluster.annotate(None, "idle");
+            }
+            self.state.phase = Phase::Built {
+                commit: t.commit.clone(),
+                system,
+            };
+            let msg = format!("lost the rollout lease before switching ({why}); uncordoned {} without switching, will try again", t.host);
+            warn!(host = %t.host, commit = %c, "{msg}");
+            return self.finish(Outcome::Waiting, Some(&t.commit), msg);
+        }
         self.state.phase = Phase::Switching {
             commit: t.commit.clone(),
             system: system.clone(),
@@ -842,7 +857,7 @@ impl Agent {
                 host: t.host.clone(),
                 system,
                 hold,
-                deadline: SystemTime::now() + t.rollout.health_timeout,
+                deadline: crate::clock::wall(t.rollout.health_timeout),
                 rollback: None,
                 watch: t.watch_namespaces.clone(),
                 since: SystemTime::now(),

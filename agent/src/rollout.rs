@@ -119,7 +119,7 @@ impl Agent {
     ) -> anyhow::Result<Option<String>> {
         let kubeconfig = &self.settings().kubeconfig;
         let ceph = t.rollout.ceph.as_ref().map(|c| c.namespace.as_str());
-        let perms = access::permissions(t.rollout.max_unavailable, ceph);
+        let perms = access::permissions(&t.host, t.rollout.max_unavailable, ceph);
         let host = &t.host;
         let again = format!("on a server, run `nk3-agent credentials {host} --inventory inventory.yaml` and install the file it writes as services.nk3-agent.kubeconfig");
         Ok(match access::check(cluster.kube(), &perms)? {
@@ -198,7 +198,7 @@ impl Agent {
                 commit: t.commit.clone(),
                 reason: msg.clone(),
                 tries,
-                next_try: humantime::format_rfc3339_seconds(SystemTime::now() + wait).to_string(),
+                next_try: humantime::format_rfc3339_seconds(crate::clock::wall(wait)).to_string(),
             });
             warn!(host = %t.host, commit = %c, "{msg}");
             cluster.event("DrainBlocked", &msg, true);
@@ -207,7 +207,7 @@ impl Agent {
         self.state.drain_blocked = None;
         // 7. The lease: wait for it (watching, not polling) up to one poll interval.
         crate::cluster::seed(&t.host, &self.state.lease_seen);
-        let give_up = Instant::now() + self.settings().poll_interval;
+        let give_up = crate::clock::deadline(self.settings().poll_interval);
         let mut said = false;
         let lease = loop {
             match cluster.acquire(r.max_unavailable, r.lease_duration)? {
@@ -419,19 +419,36 @@ impl Agent {
                     format!("commit {c} halted: {why}"),
                 )
             }
-            (Err(why), Some(reason)) => {
-                let msg = format!("even the rollback is unhealthy ({why}; the new generation failed with: {reason}); keeping the rollout lease so no other node is disrupted — a person must look at {host}, or push a commit that fixes it");
-                self.state.phase = Phase::Frozen {
-                    commit: commit.to_string(),
-                    hold,
-                    reason: msg.clone(),
-                };
-                cluster.event("RolloutFrozen", &msg, true);
-                let _ = cluster.annotate(None, "frozen");
-                error!(host = %host, commit = %c, "ROLLOUT FROZEN: {msg}");
-                self.finish(Outcome::Frozen, Some(commit), msg)
-            }
+            (Err(why), Some(reason)) => self.freeze(
+                commit,
+                host,
+                hold,
+                format!("even the rollback is unhealthy ({why}; the new generation failed with: {reason})"),
+            ),
         }
+    }
+
+    /// Keeps the lease so no other node is disrupted, and says a person must look.
+    fn freeze(
+        &mut self,
+        commit: &str,
+        host: &str,
+        hold: Hold,
+        what: String,
+    ) -> anyhow::Result<Outcome> {
+        let c = short(Some(commit)).to_string();
+        let msg = format!("{what}; keeping the rollout lease so no other node is disrupted — a person must look at {host}, or push a commit that fixes it");
+        self.state.phase = Phase::Frozen {
+            commit: commit.to_string(),
+            hold,
+            reason: msg.clone(),
+        };
+        if let Some(cluster) = self.cluster(host)? {
+            cluster.event("RolloutFrozen", &msg, true);
+            let _ = cluster.annotate(None, "frozen");
+        }
+        error!(host = %host, commit = %c, "ROLLOUT FROZEN: {msg}");
+        self.finish(Outcome::Frozen, Some(commit), msg)
     }
 
     /// `nixos-rebuild switch --rollback`, a reboot if the policy or the kernel asks for one,
@@ -446,7 +463,15 @@ impl Agent {
         watch: Vec<String>,
     ) -> anyhow::Result<Outcome> {
         let c = short(Some(commit)).to_string();
-        let previous = self.state.applied_system.clone().unwrap_or_default();
+        let Some(previous) = self.state.applied_system.clone().filter(|p| !p.is_empty()) else {
+            // Nothing recorded to go back to: a rollback would be a guess.
+            return self.freeze(
+                commit,
+                host,
+                hold,
+                format!("{why}; and there is no previous system recorded to roll back to"),
+            );
+        };
         self.state.phase = Phase::Switching {
             commit: commit.to_string(),
             system: previous.clone(),
@@ -460,7 +485,12 @@ impl Agent {
         }
         let reboot = rollout.reboot == RebootPolicy::Always
             || !self.nixos().reboot_reasons(&previous).is_empty();
-        if reboot {
+        // Whoever holds the lease now may be down: switched back, this node does not reboot.
+        let lost = crate::cluster::lease_lost();
+        if let Some(why) = &lost {
+            warn!(host = %host, commit = %c, "lost the rollout lease ({why}): rolled back without the reboot");
+        }
+        if reboot && lost.is_none() {
             let boot_id = self.nixos().boot_id()?;
             self.state.phase = Phase::Rebooting {
                 commit: commit.to_string(),
@@ -480,7 +510,7 @@ impl Agent {
             self.nixos().reboot()?;
             return Ok(Outcome::Rebooting);
         }
-        let deadline = SystemTime::now() + rollout.health_timeout;
+        let deadline = crate::clock::wall(rollout.health_timeout);
         let v = Verify {
             commit: commit.to_string(),
             host: host.to_string(),
@@ -523,7 +553,7 @@ impl Agent {
         let v = Verify {
             deadline: r
                 .deadline
-                .unwrap_or_else(|| SystemTime::now() + inv.rollout.health_timeout),
+                .unwrap_or_else(|| crate::clock::wall(inv.rollout.health_timeout)),
             commit: r.commit,
             host: r.host,
             system: r.system,
@@ -619,16 +649,12 @@ impl Agent {
                     };
                     return self.verify_resumed(repo, r).map(Some);
                 }
-                warn!(host = %host, commit = %short(Some(&commit)), "the rollback from commit {} was interrupted; rolling back again", short(Some(&commit)));
-                self.roll_back(
-                    &commit,
-                    &host,
-                    hold,
-                    &inv.rollout,
-                    why,
-                    inv.watch_namespaces.clone(),
-                )
-                .map(Some)
+                // `--rollback` steps back one generation from wherever the profile is: run
+                // again after a rollback that moved the profile but did not finish, it would
+                // go back two. The machine runs neither generation it should: a person looks.
+                let _ = inv;
+                self.freeze(&commit, &host, hold, format!("{why}; then the rollback was interrupted and {host} runs neither the new generation nor the previous one ({system})"))
+                    .map(Some)
             }
             Phase::Switching {
                 commit,

@@ -80,7 +80,31 @@ pub fn run(args: &CredentialsArgs) -> anyhow::Result<ExitCode> {
         None => admin.server.clone(),
     };
     let kube = Kube::new(&admin)?;
-    let perms = access::permissions(max_unavailable, ceph.as_deref());
+    // The roles are every agent node's: never narrow them (another node's credentials made
+    // with a larger max_unavailable, or the Ceph check, keep working).
+    let role = format!(
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/roles/{}",
+        crate::cluster::NAMESPACE,
+        access::ROLE
+    );
+    if let Some(existing) = kube.get::<Value>(&role)? {
+        let slots = existing["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r["resourceNames"].as_array().into_iter().flatten())
+            .filter_map(|n| {
+                n.as_str()?
+                    .strip_prefix("nk3-rollout-")?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(1);
+        max_unavailable = max_unavailable.max(slots);
+    }
+    let perms = access::permissions(&host, max_unavailable, ceph.as_deref());
     for o in access::objects(&host, &perms) {
         let what = apply(&kube, &o)?;
         println!("{what:<9} {}", o.describe);

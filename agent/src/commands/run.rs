@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tracing::{error, info, warn};
@@ -199,7 +199,7 @@ async fn daemon(
         }
         let wait = with_jitter(agent.settings().poll_interval);
         agent.state.next_poll =
-            Some(humantime::format_rfc3339_seconds(SystemTime::now() + wait).to_string());
+            Some(humantime::format_rfc3339_seconds(crate::clock::wall(wait)).to_string());
         if let Err(e) = state::save(&agent.settings().state_dir, &agent.state) {
             error!("{e:#}");
         }

@@ -325,12 +325,22 @@ impl Reader<'_> {
         if let Some(v) = f.get("k3s_extra_flags") {
             let own = self.flags(v, &at.key("k3s_extra_flags"));
             if role == Role::Agent {
-                for (i, flag) in own.iter().enumerate() {
+                // From the YAML items themselves, so an index is the written one even when
+                // an earlier item was refused.
+                let items: Vec<(Path, &str)> = match v {
+                    Yaml::Seq(xs) => xs
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, x)| match x {
+                            Yaml::Str(s) => Some((at.key("k3s_extra_flags").index(i), s.as_str())),
+                            _ => None,
+                        })
+                        .collect(),
+                    Yaml::Str(s) => vec![(at.key("k3s_extra_flags"), s.as_str())],
+                    _ => Vec::new(),
+                };
+                for (at, flag) in items {
                     if let Some(why) = server_only(flag) {
-                        let at = match v {
-                            Yaml::Seq(_) => at.key("k3s_extra_flags").index(i),
-                            _ => at.key("k3s_extra_flags"),
-                        };
                         self.err(&at, format!("{why}, and node {key} has role agent, which k3s would not start with; give it to servers only"));
                     }
                 }
@@ -878,7 +888,6 @@ pub(crate) fn server_only(flag: &str) -> Option<String> {
         "advertise-address",
         "advertise-port",
         "agent-token-file",
-        "bind-address",
         "cluster-cidr",
         "cluster-dns",
         "cluster-domain",

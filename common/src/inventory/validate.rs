@@ -310,12 +310,13 @@ impl Checker<'_> {
                 self.err(&at, format!("the cluster is dual-stack (--cluster-cidr has IPv4 and IPv6) but node {} has only an {} address; give it `secondary_ip:` of the other family", n.key, family_name(mine)));
             }
         }
-        // A resolver of a family no node has is one no node can reach.
+        // An IPv4 resolver where no node has an IPv4 address is one no node can reach (IPv6
+        // ones are not judged: router advertisements give IPv4 nodes IPv6 addresses too).
         let all = inv.nodes.iter().fold(0, |acc, n| {
             acc | family(n.ip) | n.secondary.map_or(0, |s| family(s.ip))
         });
         for (i, ns) in inv.nameservers.iter().enumerate() {
-            if family(*ns) & all == 0 {
+            if ns.is_ipv4() && all & 1 == 0 {
                 let at = self.base.key("nameservers").index(i);
                 self.err(
                     &at,
