@@ -69,6 +69,16 @@ pub enum RenderError {
         /// 1-based line.
         line: usize,
     },
+    /// Loops nested this deep over values this long would run for too long.
+    #[error("{template}: `{{{{#each}}}}` blocks nested {depth} deep over values of up to {longest} items could take more than {MAX_ITERATIONS} iterations; nest fewer loops or loop over shorter values")]
+    TooMuchWork {
+        /// Template name.
+        template: String,
+        /// How deep the loops nest.
+        depth: u32,
+        /// The longest list or map of the context.
+        longest: u64,
+    },
     /// The rendering grew past [`MAX_OUTPUT`].
     #[error("{template}: the rendered configuration is over {MAX_OUTPUT} bytes; a node's configuration.nix is never that large (a loop over a large value?)")]
     TooLarge {
@@ -130,7 +140,15 @@ pub struct Options {
 pub struct Template {
     name: String,
     registry: Handlebars<'static>,
+    /// How deep `{{#each}}` blocks nest: with the longest list or map of the context, it
+    /// bounds the work of a rendering (the output bound does not: an empty body costs
+    /// nothing to write).
+    each_depth: u32,
 }
+
+/// The most loop iterations a rendering may take (the longest value's length to the power
+/// of the `{{#each}}` nesting).
+pub const MAX_ITERATIONS: u64 = 10_000_000;
 
 impl Template {
     /// The built-in template.
@@ -186,6 +204,7 @@ impl Template {
         Ok(Template {
             name: name.to_string(),
             registry,
+            each_depth: each_depth(&parsed),
         })
     }
 
@@ -197,6 +216,19 @@ impl Template {
         opts: &Options,
     ) -> Result<String, RenderError> {
         let ctx = context(inv, node, opts)?;
+        if self.each_depth > 0 {
+            let longest = serde_json::to_value(&ctx)
+                .map(|v| longest(&v))
+                .unwrap_or(0)
+                .max(1) as u64;
+            if longest.saturating_pow(self.each_depth) > MAX_ITERATIONS {
+                return Err(RenderError::TooMuchWork {
+                    template: self.name.clone(),
+                    depth: self.each_depth,
+                    longest,
+                });
+            }
+        }
         let mut out = Bounded(Vec::new());
         if let Err(e) = self.registry.render_to_write(&self.name, &ctx, &mut out) {
             if out.0.len() >= MAX_OUTPUT {
@@ -321,6 +353,37 @@ fn too_deep(text: &str) -> Option<usize> {
         i += 1;
     }
     None
+}
+
+/// How deep `{{#each}}` blocks nest in `t`.
+fn each_depth(t: &handlebars::Template) -> u32 {
+    use handlebars::template::TemplateElement as E;
+    t.elements
+        .iter()
+        .map(|e| match e {
+            E::HelperBlock(h) => {
+                let here = u32::from(h.name.as_name() == Some("each"));
+                let inner = [&h.template, &h.inverse]
+                    .into_iter()
+                    .flatten()
+                    .map(each_depth)
+                    .max()
+                    .unwrap_or(0);
+                here + inner
+            }
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The length of the longest list or map anywhere in `v`.
+fn longest(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => a.iter().map(longest).max().unwrap_or(0).max(a.len()),
+        serde_json::Value::Object(m) => m.values().map(longest).max().unwrap_or(0).max(m.len()),
+        _ => 0,
+    }
 }
 
 /// A writer that refuses to grow past [`MAX_OUTPUT`].
@@ -663,7 +726,7 @@ mod tests {
         assert!(e.to_string().contains("nest deeper than 64"), "{e}");
         let inv = crate::inventory::load(
             "i",
-            &format!("join_address: 10.0.0.3\njoin_token: t\nstate_version: \"24.05\"\nnodes:\n  10.0.0.3: {{ interface: eth0, default_gateway: 10.0.0.1, boot_device: /dev/sda, vars: {{ a: [{}] }} }}\n", vec!["1"; 300].join(", ")),
+            &format!("join_address: 10.0.0.3\njoin_token: t\nstate_version: \"24.05\"\nnodes:\n  10.0.0.3: {{ interface: eth0, default_gateway: 10.0.0.1, boot_device: /dev/sda, vars: {{ a: [{}] }} }}\n", vec!["1"; 200].join(", ")),
         )
         .unwrap();
         let t = Template::custom(
@@ -674,6 +737,24 @@ mod tests {
         let o = options("c", None);
         let e = t.render(&inv, &inv.nodes[0], &o).unwrap_err();
         assert!(matches!(e, RenderError::TooLarge { .. }), "{e}");
+        // Empty bodies write nothing, and would still loop 200^4 times: refused before.
+        let idle = Template::custom(
+            "t",
+            "{{#each node.vars.a}}{{#each ../node.vars.a}}{{#each ../../node.vars.a}}{{#each ../../../node.vars.a}}{{/each}}{{/each}}{{/each}}{{/each}}",
+        )
+        .unwrap();
+        let e = idle.render(&inv, &inv.nodes[0], &o).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RenderError::TooMuchWork {
+                    depth: 4,
+                    longest: 200,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
