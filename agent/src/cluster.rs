@@ -220,8 +220,11 @@ impl Cluster {
                 &format!("deploy/{}", ceph.deployment),
             ])
             .args(["--", "ceph", "status", "--format", "json"]);
-        let out = crate::command::run(cmd, timeout.min(Duration::from_secs(60)))
-            .map_err(|e| format!("ceph status: {e}"))?;
+        let out = crate::command::run(
+            cmd,
+            timeout.clamp(Duration::from_secs(30), Duration::from_secs(60)),
+        )
+        .map_err(|e| format!("ceph status: {e}"))?;
         ceph.judge(&String::from_utf8_lossy(&out.stdout))
     }
 
@@ -816,7 +819,9 @@ impl Cluster {
             deadline
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
-                .max(Duration::from_millis(100))
+                // Never less than a probe needs to answer at all: a verification resumed
+                // after its deadline judges the node now, with probes that can finish.
+                .max(Duration::from_secs(5))
         };
         let checks: &[HealthCheck] = &rollout.health_checks;
         let mut is_active = std::process::Command::new(systemctl);
@@ -922,9 +927,6 @@ impl Cluster {
         let lost = Arc::new(std::sync::Mutex::new(None));
         let (me, lease, flag, gone) = (self.clone(), lease.to_string(), stop.clone(), lost.clone());
         let every = (duration / 3).max(Duration::from_millis(200));
-        if let Ok(mut l) = LOST.lock() {
-            *l = None;
-        }
         let handle = std::thread::spawn(move || {
             let mut last = Instant::now();
             while !flag.load(Ordering::Relaxed) {
@@ -1044,6 +1046,14 @@ pub fn lease_lost() -> Option<String> {
     LOST.lock().ok().and_then(|l| l.clone())
 }
 
+/// A lease was taken afresh: what was lost before is forgotten (only then: a second
+/// renewer of the same hold must not wipe a loss the first one saw).
+pub fn lease_taken() {
+    if let Ok(mut l) = LOST.lock() {
+        *l = None;
+    }
+}
+
 /// Renews a lease in the background while it lives, and says when the lease was lost.
 #[derive(Debug)]
 pub struct Renewer {
@@ -1064,6 +1074,11 @@ impl Drop for Renewer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
+            // A renewal in flight may take its retries; waiting for it is the pass's wait.
+            while !h.is_finished() {
+                crate::progress::beat();
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = h.join();
         }
     }

@@ -349,7 +349,12 @@ impl Source {
         let mut cb = RemoteCallbacks::new();
         let access = &self.access;
         let mut tries = 0;
+        cb.sideband_progress(|_| {
+            crate::progress::beat();
+            true
+        });
         cb.credentials(move |_url, user, allowed| {
+            crate::progress::beat();
             // libgit2 asks again after a refused credential; give up instead of looping.
             tries += 1;
             if tries > 3 {

@@ -253,6 +253,7 @@ impl Agent {
         // disruption.
         let mut ready_before = cluster.ready_nodes()?;
         ready_before.retain(|n| t.members.contains(n));
+        crate::cluster::lease_taken();
         let renewing = cluster.keep_renewed(&lease, r.lease_duration);
         let mut hold = Hold {
             lease,
@@ -463,15 +464,10 @@ impl Agent {
         watch: Vec<String>,
     ) -> anyhow::Result<Outcome> {
         let c = short(Some(commit)).to_string();
-        let Some(previous) = self.state.applied_system.clone().filter(|p| !p.is_empty()) else {
-            // Nothing recorded to go back to: a rollback would be a guess.
-            return self.freeze(
-                commit,
-                host,
-                hold,
-                format!("{why}; and there is no previous system recorded to roll back to"),
-            );
-        };
+        // What it goes back to: the system recorded as applied; a node never recorded one
+        // (its first rollout) goes back one generation, and learns which from the rollback.
+        let recorded = self.state.applied_system.clone().filter(|p| !p.is_empty());
+        let mut previous = recorded.clone().unwrap_or_default();
         self.state.phase = Phase::Switching {
             commit: commit.to_string(),
             system: previous.clone(),
@@ -482,6 +478,9 @@ impl Agent {
         self.save()?;
         if let Err(e) = self.nixos().rollback() {
             error!(host = %host, commit = %c, "{e}");
+        }
+        if recorded.is_none() {
+            previous = self.nixos().current().unwrap_or_default();
         }
         let reboot = rollout.reboot == RebootPolicy::Always
             || !self.nixos().reboot_reasons(&previous).is_empty();
@@ -633,8 +632,8 @@ impl Agent {
                 rollback: Some(why),
                 ..
             } => {
-                // Stopped in the middle of a rollback: finish it (switch back again if it
-                // had not happened), then verify it as the rollback it is, and halt.
+                // Stopped in the middle of a rollback: if it happened, verify it as the
+                // rollback it is (and halt); if not, freeze rather than guess.
                 let inv = self.inventory_at(repo, &commit)?;
                 if self.nixos().current().as_deref() == Some(system.as_str()) {
                     warn!(host = %host, commit = %short(Some(&commit)), "resuming the rollback from commit {}: checking the previous generation's health", short(Some(&commit)));

@@ -153,13 +153,16 @@ async fn daemon(
     let mut usec = 0;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let every = Duration::from_micros(usec / 2);
+        // Stop feeding only when the stall nears the whole WatchdogSec: slow but working
+        // steps (a git server taking its time to answer) are not stalls.
+        let limit = Duration::from_micros(usec / 4 * 3);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             let mut told = false;
             loop {
                 tick.tick().await;
                 match crate::progress::stalled_for() {
-                    Some(d) if d >= every => {
+                    Some(d) if d >= limit => {
                         if !told {
                             error!("the pass has made no progress for {}; no longer feeding systemd's watchdog, which restarts the agent (state.json says where it was)", humantime::format_duration(d));
                             told = true;
