@@ -272,7 +272,9 @@ fn credentials_are_idempotent_and_rotating_revokes_the_old_token() {
     assert_ne!(new, old);
     assert_eq!(whoami(&api, &new), 201);
     assert!(
-        api.wait_for(std::time::Duration::from_secs(10), |api| whoami(api, &old)
+        // The API server caches a token's authentication for a few seconds, and learns of
+        // the deleted Secret through its informer.
+        api.wait_for(std::time::Duration::from_secs(60), |api| whoami(api, &old)
             == 401),
         "the old token is refused"
     );
