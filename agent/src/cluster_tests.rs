@@ -549,7 +549,9 @@ fn lease_handoff_latency() {
 #[test]
 fn losing_the_lease_is_seen_by_the_holder_not_renewed_over() {
     let cp = ControlPlane::start();
-    let me = connect(&cp, "me");
+    // A name of its own: what an agent saw of each lease is kept per (agent, lease) for the
+    // whole process, and other tests run beside this one as "me".
+    let me = connect(&cp, "loser");
     let Acquire::Held(name) = me.acquire(1, Duration::from_secs(2)).unwrap() else {
         panic!("not taken");
     };
