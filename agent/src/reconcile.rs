@@ -710,7 +710,19 @@ impl Agent {
         info!(host = %t.host, commit = %c, "Rebuilding NixOS on {}", t.host);
         let system = match self.nixos.build(upgrade) {
             Ok(s) => s,
-            Err(e) => return self.reject(&t, had_previous, e.tail),
+            // Nix refused the configuration: this commit is not tried again.
+            Err(e) if e.failure == system::Failure::Exited => {
+                return self.reject(&t, had_previous, e.tail)
+            }
+            // The build hung or could not start: nothing is known about the commit, so the
+            // next pass tries it again (the node keeps what it runs meanwhile).
+            Err(e) => {
+                self.restore(had_previous)?;
+                self.state.phase = Phase::Idle;
+                let msg = format!("{e}; configuration.nix is back to what it was, and the next pass builds commit {c} again");
+                error!(host = %t.host, commit = %c, "{msg}");
+                return self.finish(Outcome::Failed, Some(&t.commit), msg);
+            }
         };
         if upgrade {
             self.state.channel = t.channel.clone();

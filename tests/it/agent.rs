@@ -1,7 +1,7 @@
 //! `nk3-agent run`, `status` and `plan` on simulated nodes against real git repositories.
 
 use crate::fixtures::{Daemon, Node, Repo};
-use crate::support::{nk3, run, stderr, stdout};
+use crate::support::{nk3, root, run, stderr, stdout};
 
 /// The seed's inventory with `reboot: when-needed`, so that a change switches in place.
 fn inventory(extra_node_key: &str) -> String {
@@ -333,6 +333,50 @@ fn a_bad_inventory_is_not_applied_and_status_says_why() {
         .as_str()
         .unwrap()
         .contains("problem"));
+}
+
+#[test]
+fn a_build_that_hangs_is_stopped_undone_and_tried_again_not_rejected() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut node = converged(&repo);
+    let before = std::fs::read(node.config_path()).unwrap();
+    let t = std::fs::read_to_string(root().join("common/src/render/default.nix.hbs")).unwrap();
+    repo.commit(
+        "slow.nix.hbs",
+        &format!("# nk3-test: slow-build\n{t}"),
+        "template",
+    );
+    let slow = repo.commit(
+        "inventory.yaml",
+        &inventory("").replace("  rollout:", "  template: slow.nix.hbs\n  rollout:"),
+        "a build that takes a minute",
+    );
+    node.env.push(("NK3_BUILD_TIMEOUT".into(), "1s".into()));
+    let o = node.run_once();
+    let log = stderr(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("did not finish within 1s; stopped"), "{log}");
+    assert_eq!(
+        std::fs::read(node.config_path()).unwrap(),
+        before,
+        "restored"
+    );
+    assert!(
+        node.state()["rejected"].is_null(),
+        "not rejected: {}",
+        node.state()
+    );
+    assert_eq!(node.state()["phase"]["name"], "idle");
+    assert_eq!(node.state()["last"]["commit"], slow.as_str());
+    // Unlike a commit Nix refused, the next pass builds it again.
+    node.clear_calls();
+    assert!(!node.run_once().status.success());
+    let builds = node.calls("nixos-rebuild");
+    assert_eq!(
+        builds.iter().filter(|c| c.starts_with("build")).count(),
+        1,
+        "{builds:?}"
+    );
 }
 
 #[test]
