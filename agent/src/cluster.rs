@@ -924,8 +924,7 @@ impl Cluster {
     /// (a build, switch or drain can take longer than a lease lasts).
     pub fn keep_renewed(self: &Arc<Self>, lease: &str, duration: Duration) -> Renewer {
         let stop = Arc::new(AtomicBool::new(false));
-        let lost = Arc::new(std::sync::Mutex::new(None));
-        let (me, lease, flag, gone) = (self.clone(), lease.to_string(), stop.clone(), lost.clone());
+        let (me, lease, flag) = (self.clone(), lease.to_string(), stop.clone());
         let every = (duration / 3).max(Duration::from_millis(200));
         let handle = std::thread::spawn(move || {
             let mut last = Instant::now();
@@ -939,9 +938,6 @@ impl Cluster {
                         }) if reason == "LeaseLost" => {
                             tracing::error!(host = %me.me, "lost the rollout lease {lease}: {message}");
                             if let Ok(mut l) = LOST.lock() {
-                                *l = Some(message.clone());
-                            }
-                            if let Ok(mut l) = gone.lock() {
                                 *l = Some(message);
                             }
                             return;
@@ -954,7 +950,6 @@ impl Cluster {
         });
         Renewer {
             stop,
-            lost,
             handle: Some(handle),
         }
     }
@@ -1054,20 +1049,11 @@ pub fn lease_taken() {
     }
 }
 
-/// Renews a lease in the background while it lives, and says when the lease was lost.
+/// Renews a lease in the background while it lives; a loss it sees is [`lease_lost`].
 #[derive(Debug)]
 pub struct Renewer {
     stop: Arc<AtomicBool>,
-    lost: Arc<std::sync::Mutex<Option<String>>>,
     handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Renewer {
-    /// Why the lease is no longer this node's (another holds it now), if it is not: then
-    /// the node must not go on disrupting itself.
-    pub fn lost(&self) -> Option<String> {
-        self.lost.lock().ok().and_then(|l| l.clone())
-    }
 }
 
 impl Drop for Renewer {

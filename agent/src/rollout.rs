@@ -254,7 +254,7 @@ impl Agent {
         let mut ready_before = cluster.ready_nodes()?;
         ready_before.retain(|n| t.members.contains(n));
         crate::cluster::lease_taken();
-        let renewing = cluster.keep_renewed(&lease, r.lease_duration);
+        let _renewing = cluster.keep_renewed(&lease, r.lease_duration);
         let mut hold = Hold {
             lease,
             was_unschedulable: false,
@@ -294,20 +294,8 @@ impl Agent {
             cluster.event("DrainTimedOut", &why, true);
             return self.finish(Outcome::Waiting, Some(&t.commit), why);
         }
-        // Losing the lease is something seen, not assumed away: whoever holds it now may be
-        // disrupting itself, so this node does not switch.
-        if let Some(why) = renewing.lost() {
-            cluster.uncordon(hold.was_unschedulable)?;
-            let _ = cluster.annotate(None, "idle");
-            self.state.phase = Phase::Built {
-                commit: t.commit.clone(),
-                system,
-            };
-            let msg = format!("lost the rollout lease while draining ({why}); uncordoned {} without switching, will try again", t.host);
-            warn!(host = %t.host, commit = %c, "{msg}");
-            return self.finish(Outcome::Waiting, Some(&t.commit), msg);
-        }
-        // 9. Switch or reboot, holding the lease (renewed all through).
+        // 9. Switch or reboot, holding the lease (renewed all through; `switch` does not
+        // go on if it was lost meanwhile).
         self.switch(t, system, Some(hold))
     }
 
