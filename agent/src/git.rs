@@ -119,14 +119,12 @@ impl Source {
         // directory that may not be) keeps `https://user@host/…`; the password is given to
         // the server through the credential callback.
         let mut url = url.to_string();
-        if let Some((scheme, rest)) = url.split_once("://") {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            if let Some((userinfo, host)) = authority.rsplit_once('@') {
-                if let Some((user, password)) = userinfo.split_once(':') {
-                    access.url_password = Some(nk3_common::inventory::Secret::new(
-                        percent_decoded(password),
-                    ));
-                    url = format!("{scheme}://{user}@{host}{path}");
+        if let Ok(mut u) = reqwest::Url::parse(&url) {
+            if let Some(password) = u.password() {
+                let password = percent_encoding::percent_decode_str(password).decode_utf8_lossy();
+                access.url_password = Some(nk3_common::inventory::Secret::new(password));
+                if u.set_password(None).is_ok() {
+                    url = u.to_string();
                 }
             }
         }
@@ -503,43 +501,12 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
     }
 }
 
-/// `%XX` escapes of a URL part decoded (a password `p%40ss` is `p@ss`).
-fn percent_decoded(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The port an ssh:// URL names (22 when it names none, and for scp-like `host:path`).
 fn ssh_port(url: &str) -> u16 {
-    url.strip_prefix("ssh://")
-        .and_then(|rest| rest.split('/').next())
-        .map(|authority| authority.rsplit_once('@').map_or(authority, |(_, h)| h))
-        .and_then(|host| {
-            if let Some(v6) = host.strip_prefix('[') {
-                v6.split_once("]:").and_then(|(_, p)| p.parse().ok())
-            } else {
-                host.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
-            }
-        })
+    reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| u.scheme() == "ssh")
+        .and_then(|u| u.port())
         .unwrap_or(22)
 }
 
@@ -672,7 +639,17 @@ mod tests {
             "{config}"
         );
         assert!(credentials(&src.access, Some("ci"), CredentialType::USER_PASS_PLAINTEXT).is_ok());
-        assert_eq!(percent_decoded("p%40ss%2Fw%zz"), "p@ss/w%zz");
+        let encoded = Source::new(
+            "https://ci:p%40ss%2Fw@git.example.com/infra.git",
+            "main",
+            &dir.path().join("other"),
+            Access::default(),
+        );
+        assert_eq!(
+            encoded.access.url_password.as_ref().map(|p| p.expose()),
+            Some("p@ss/w"),
+            "percent-decoded"
+        );
         assert!(!format!("{src:?}").contains("s3cret"));
     }
 

@@ -135,16 +135,11 @@ pub fn run(args: &CredentialsArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn is_loopback(server: &str) -> bool {
-    let host = server
-        .trim_start_matches("https://")
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let host = host
-        .rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(host)
-        .trim_matches(['[', ']']);
+    let url = reqwest::Url::parse(server).ok();
+    let Some(host) = url.as_ref().and_then(|u| u.host_str()) else {
+        return false;
+    };
+    let host = host.trim_matches(['[', ']']);
     host == "localhost"
         || host
             .parse::<std::net::IpAddr>()
