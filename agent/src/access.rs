@@ -134,17 +134,25 @@ fn own(p: &Permission) -> bool {
 pub fn rules(perms: &[Permission]) -> BTreeMap<Option<String>, Vec<Value>> {
     let mut by_ns: BTreeMap<Option<String>, Vec<Value>> = BTreeMap::new();
     for p in perms.iter().filter(|p| !own(p)) {
-        let mut r = json!({
-            "apiGroups": [p.group],
-            "resources": [p.resource],
-            "verbs": p.verbs,
-        });
-        if !p.names.is_empty() {
-            r["resourceNames"] = json!(p.names);
-        }
-        by_ns.entry(p.namespace.clone()).or_default().push(r);
+        by_ns
+            .entry(p.namespace.clone())
+            .or_default()
+            .push(rule_json(p));
     }
     by_ns
+}
+
+/// One permission as an RBAC rule.
+fn rule_json(p: &Permission) -> Value {
+    let mut r = json!({
+        "apiGroups": [p.group],
+        "resources": [p.resource],
+        "verbs": p.verbs,
+    });
+    if !p.names.is_empty() {
+        r["resourceNames"] = json!(p.names);
+    }
+    r
 }
 
 /// The ServiceAccount of `node`'s agent.
@@ -212,79 +220,51 @@ pub fn objects(node: &str, perms: &[Permission]) -> Vec<Object> {
         }),
     }];
     for (ns, rules) in rules(perms) {
-        let (role, binding) = match &ns {
-            None => (
-                Object {
-                    collection: format!("{RBAC}/clusterroles"),
-                    describe: format!("clusterrole {ROLE}"),
-                    body: json!({
-                        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                        "metadata": meta(ROLE, None), "rules": rules,
-                    }),
-                },
-                Object {
-                    collection: format!("{RBAC}/clusterrolebindings"),
-                    describe: format!("clusterrolebinding {sa}"),
-                    body: json!({
-                        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                        "metadata": meta(&sa, None),
-                        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": ROLE },
-                        "subjects": subject,
-                    }),
-                },
-            ),
-            Some(ns) => (
-                Object {
-                    collection: format!("{RBAC}/namespaces/{ns}/roles"),
-                    describe: format!("role {ns}/{ROLE}"),
-                    body: json!({
-                        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                        "metadata": meta(ROLE, Some(ns)), "rules": rules,
-                    }),
-                },
-                Object {
-                    collection: format!("{RBAC}/namespaces/{ns}/rolebindings"),
-                    describe: format!("rolebinding {ns}/{sa}"),
-                    body: json!({
-                        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                        "metadata": meta(&sa, Some(ns)),
-                        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ROLE },
-                        "subjects": subject,
-                    }),
-                },
-            ),
-        };
-        out.push(role);
-        out.push(binding);
+        out.extend(role_and_binding(ns.as_deref(), ROLE, &sa, rules, &subject));
     }
     // The node's own: patch its Node, no other.
-    let mine: Vec<Value> = perms
-        .iter()
-        .filter(|p| own(p))
-        .map(|p| json!({ "apiGroups": [p.group], "resources": [p.resource], "verbs": p.verbs, "resourceNames": p.names }))
-        .collect();
+    let mine: Vec<Value> = perms.iter().filter(|p| own(p)).map(rule_json).collect();
     if !mine.is_empty() {
         let name = format!("{sa}-self");
-        out.push(Object {
-            collection: format!("{RBAC}/clusterroles"),
-            describe: format!("clusterrole {name}"),
-            body: json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                "metadata": meta(&name, None), "rules": mine,
-            }),
-        });
-        out.push(Object {
-            collection: format!("{RBAC}/clusterrolebindings"),
-            describe: format!("clusterrolebinding {name}"),
-            body: json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                "metadata": meta(&name, None),
-                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name },
-                "subjects": subject,
-            }),
-        });
+        out.extend(role_and_binding(None, &name, &name, mine, &subject));
     }
     out
+}
+
+/// A Role (in `ns`) or ClusterRole (`None`) named `role` with `rules`, and the binding
+/// named `binding` that gives it to `subject`.
+fn role_and_binding(
+    ns: Option<&str>,
+    role: &str,
+    binding: &str,
+    rules: Vec<Value>,
+    subject: &Value,
+) -> [Object; 2] {
+    let (kind, scope, at) = match ns {
+        None => ("ClusterRole", String::new(), String::new()),
+        Some(ns) => ("Role", format!("/namespaces/{ns}"), format!("{ns}/")),
+    };
+    let lower = kind.to_ascii_lowercase();
+    [
+        Object {
+            collection: format!("{RBAC}{scope}/{lower}s"),
+            describe: format!("{lower} {at}{role}"),
+            body: json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind,
+                "metadata": meta(role, ns), "rules": rules,
+            }),
+        },
+        Object {
+            collection: format!("{RBAC}{scope}/{lower}bindings"),
+            describe: format!("{lower}binding {at}{binding}"),
+            body: json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": format!("{kind}Binding"),
+                "metadata": meta(binding, ns),
+                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role },
+                "subjects": subject,
+            }),
+        },
+    ]
 }
 
 /// Why a node's credentials may not run a rollout.
