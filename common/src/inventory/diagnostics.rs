@@ -48,6 +48,20 @@ impl Diagnostics {
         }
     }
 
+    /// Adds a problem about the key at `at` in `text`, finding its line only while problems
+    /// are still reported in full (finding one is linear in the file).
+    pub fn at(&mut self, text: &str, at: &crate::yaml::Path, message: String) {
+        if self.full() {
+            self.dropped += 1;
+            return;
+        }
+        self.items.push(Diagnostic {
+            line: crate::yaml::locate(text, &at.0),
+            key: at.to_string(),
+            message,
+        });
+    }
+
     /// Whether further problems are only counted: callers skip locating them.
     pub fn full(&self) -> bool {
         self.items.len() >= MAX_REPORTED

@@ -8,11 +8,11 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::{
-    BootLoader, Ceph, Diagnostic, Diagnostics, HealthCheck, Inventory, Layout, Node, RebootPolicy,
-    Role, Rollout, Secondary, Secret, Vars, DEFAULT_NAMESERVERS, DEFAULT_NAMESERVERS6,
+    BootLoader, Ceph, Diagnostics, HealthCheck, Inventory, Layout, Node, RebootPolicy, Role,
+    Rollout, Secondary, Secret, Vars, DEFAULT_NAMESERVERS, DEFAULT_NAMESERVERS6,
 };
 use crate::check;
-use crate::yaml::{locate, Path, Yaml};
+use crate::yaml::{Path, Yaml};
 
 /// Keys beside `join_address` (under `cluster:` or at the top level).
 pub(super) const CLUSTER_KEYS: &[&str] = &[
@@ -89,15 +89,7 @@ pub(super) fn read(text: &str, tree: &Yaml, diags: &mut Diagnostics) -> Option<I
 
 impl Reader<'_> {
     fn err(&mut self, at: &Path, message: impl Into<String>) {
-        if self.diags.full() {
-            self.diags.dropped += 1;
-            return;
-        }
-        self.diags.push(Diagnostic {
-            line: locate(self.text, &at.0),
-            key: at.to_string(),
-            message: message.into(),
-        });
+        self.diags.at(self.text, at, message.into());
     }
 
     fn inventory(&mut self, tree: &Yaml) -> Option<Inventory> {

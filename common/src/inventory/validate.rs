@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use super::{BootLoader, Diagnostic, Diagnostics, Inventory, Layout, Node, Role};
+use super::{BootLoader, Diagnostics, Inventory, Layout, Node, Role};
 use crate::yaml::{locate, Path};
 
 struct Checker<'a> {
@@ -70,15 +70,7 @@ fn cidr_families(flags: &[String], name: &str) -> Option<Result<u8, String>> {
 
 impl Checker<'_> {
     fn err(&mut self, at: &Path, message: String) {
-        if self.diags.full() {
-            self.diags.dropped += 1;
-            return;
-        }
-        self.diags.push(Diagnostic {
-            line: locate(self.text, &at.0),
-            key: at.to_string(),
-            message,
-        });
+        self.diags.at(self.text, at, message);
     }
 
     fn node_path(&self, n: &Node) -> Path {
