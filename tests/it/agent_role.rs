@@ -136,6 +136,8 @@ fn agent_node_rolls_under_the_lease_with_only_nk3_credentials() {
     install_credentials(&api, &mut node, HOST5);
     hold_lease(&api, HOST3, 600);
     let head = push_change(&repo);
+    let plan = stdout(&run(&mut node.agent(&["plan"])));
+    assert!(plan.contains("under the rollout lease: gate, drain, switch, verify"), "{plan}");
     let o = node.run_once();
     let log = stderr(&o);
     assert!(
@@ -212,6 +214,8 @@ fn kubelet_credentials_are_refused_before_anything_is_disrupted() {
         "{log}"
     );
     assert_eq!(node.calls("nixos-rebuild").len(), 1, "built only");
+    let plan = stdout(&run(&mut node.agent(&["plan"])));
+    assert!(plan.contains("wait: no usable credentials for the k3s API"), "{plan}");
     let kubelet = format!("system:node:{HOST5}");
     let wrote: Vec<_> = api
         .requests()
@@ -321,4 +325,100 @@ fn whoami(api: &ControlPlane, token: &str) -> u16 {
     .unwrap()
     .status()
     .as_u16()
+}
+
+#[test]
+fn credentials_from_the_inventory_name_the_node_and_the_join_address_and_never_narrow_the_roles() {
+    let api = api();
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.yaml");
+    std::fs::write(&inv, inventory()).unwrap();
+    let out = dir.path().join("n.kubeconfig");
+    // The node by its address; three lease slots.
+    let o = credentials(
+        &api,
+        dir.path(),
+        &[
+            "172.30.190.5",
+            "--inventory",
+            inv.to_str().unwrap(),
+            "--max-unavailable",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("serviceaccount kube-system/nk3-agent-{HOST5}")),
+        "{}",
+        stdout(&o)
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.contains("server: \"https://172.30.190.3:6443\""),
+        "the join address:\n{text}"
+    );
+    let names = |api: &ControlPlane| {
+        let role = api
+            .get("/apis/rbac.authorization.k8s.io/v1/namespaces/kube-system/roles/nk3-agent")
+            .unwrap();
+        role["rules"][0]["resourceNames"].clone()
+    };
+    let slots = serde_json::json!([
+        "nk3-rollout",
+        "nk3-rollout-0",
+        "nk3-rollout-1",
+        "nk3-rollout-2"
+    ]);
+    assert_eq!(names(&api), slots);
+    // Another node's credentials, made without the inventory, leave the slots granted.
+    let o = credentials(
+        &api,
+        dir.path(),
+        &[
+            HOST3,
+            "--server",
+            &api.url(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(names(&api), slots, "not narrowed");
+    // An address the inventory does not have is refused by name.
+    let o = credentials(
+        &api,
+        dir.path(),
+        &["172.30.190.9", "--inventory", inv.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no node 172.30.190.9"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn validate_says_agent_nodes_need_credentials_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.yaml");
+    std::fs::write(&inv, inventory()).unwrap();
+    let o = run(crate::support::nk3().arg("validate").arg(&inv));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(
+            "each of the 1 needs its own from `nk3-agent credentials <hostname> --inventory"
+        ),
+        "{}",
+        stdout(&o)
+    );
+    std::fs::write(&inv, crate::rollout::inventory("")).unwrap();
+    let o = run(crate::support::nk3().arg("validate").arg(&inv));
+    assert!(
+        !stdout(&o).contains("credentials"),
+        "no agent node, no note:\n{}",
+        stdout(&o)
+    );
 }

@@ -10,8 +10,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::root;
-
 /// Address space a run may take: far above what any case needs when it is handled, far below
 /// what an unbounded expansion would take.
 const MEMORY: u64 = 2 << 30;
@@ -201,7 +199,6 @@ fn attacks() -> Vec<Attack> {
             s.into_bytes()
         }, template: None, expect: Safe },
     ];
-    a.retain(|x| !x.what.is_empty());
     a
 }
 
@@ -354,5 +351,4 @@ fn every_attack_is_refused_or_harmless_within_memory_and_time() {
         attacks.len(),
         failures.join("\n")
     );
-    let _ = root();
 }
