@@ -137,7 +137,10 @@ fn agent_node_rolls_under_the_lease_with_only_nk3_credentials() {
     hold_lease(&api, HOST3, 600);
     let head = push_change(&repo);
     let plan = stdout(&run(&mut node.agent(&["plan"])));
-    assert!(plan.contains("under the rollout lease: gate, drain, switch, verify"), "{plan}");
+    assert!(
+        plan.contains("under the rollout lease: gate, drain, switch, verify"),
+        "{plan}"
+    );
     let o = node.run_once();
     let log = stderr(&o);
     assert!(
@@ -215,7 +218,10 @@ fn kubelet_credentials_are_refused_before_anything_is_disrupted() {
     );
     assert_eq!(node.calls("nixos-rebuild").len(), 1, "built only");
     let plan = stdout(&run(&mut node.agent(&["plan"])));
-    assert!(plan.contains("wait: no usable credentials for the k3s API"), "{plan}");
+    assert!(
+        plan.contains("wait: no usable credentials for the k3s API"),
+        "{plan}"
+    );
     let kubelet = format!("system:node:{HOST5}");
     let wrote: Vec<_> = api
         .requests()

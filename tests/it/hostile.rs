@@ -90,7 +90,7 @@ fn attacks() -> Vec<Attack> {
     use Expect::{Evaluates, Refused, Safe};
     use Run::{Render, Validate};
     let reads = "{ ... }: { x = {{ &node.vars.v}}; }";
-    let mut a = vec![
+    let a = vec![
         // 1. Raw insertion, however spelt: the value would read any file into the config.
         template("raw insertion with a space", reads, "v: 'builtins.readFile /etc/shadow'", Refused("inserts a value unquoted")),
         template("raw insertion with ~ and a space", "{ x = {{~ &node.vars.v}}; }", "v: x", Refused("inserts a value unquoted")),
