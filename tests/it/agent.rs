@@ -860,11 +860,7 @@ fn under_systemd_the_daemon_says_ready_feeds_the_watchdog_and_serves_metrics() {
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = nk3_controlplane::unused_port();
     let addr = format!("127.0.0.1:{port}");
     // systemd names the process the watchdog is for (WATCHDOG_PID); exec keeps the shell's.
     let agent = node.agent(&[]);

@@ -4,7 +4,6 @@
 //! links and a boot id), on which the real `nk3-agent` runs with the stand-in `nixos-rebuild`,
 //! `systemctl` and `nix-channel` of `tests/bin`.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -134,7 +133,7 @@ impl Daemon {
     /// Serves `repo` at `git://127.0.0.1:<port>/infra.git`.
     pub fn serve(repo: &Repo) -> Daemon {
         let base = repo.bare.parent().unwrap().to_path_buf();
-        let port = free_port();
+        let port = nk3_controlplane::unused_port();
         let mut d = Daemon {
             child: Daemon::spawn(&base, port),
             port,
@@ -191,14 +190,6 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The configuration.nix the NixOS installer leaves, as far as nk3 cares: the imports an

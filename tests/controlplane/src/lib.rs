@@ -160,11 +160,43 @@ pub fn versions() -> String {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// A loopback port for a child process to listen on.
+///
+/// A port the kernel hands out for `:0` lies in its ephemeral range, the same range every
+/// outgoing connection takes its source port from: on a busy machine (tests in parallel, each
+/// with many connections) another socket can take it before the child binds it. So the port
+/// is drawn at random from below that range, where the kernel never assigns one by itself,
+/// and checked free by binding it once.
+pub fn unused_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWN: AtomicU64 = AtomicU64::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12000 {
+        (10000u64, u64::from(low))
+    } else {
+        (u64::from(low) / 2, u64::from(low))
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = nanos ^ (u64::from(std::process::id()) << 32);
+    for _ in 0..1000 {
+        // splitmix64 over the time, the process and how many were drawn before.
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15 ^ DRAWN.fetch_add(1, Ordering::Relaxed));
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let port = (from + z % (to - from)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below {to}")
 }
 
 const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
@@ -210,8 +242,8 @@ impl ControlPlane {
         std::fs::write(d.join("sa.key"), sa_key)?;
         std::fs::write(d.join("sa.pub"), sa_pub)?;
         std::fs::write(d.join("audit-policy.yaml"), AUDIT_POLICY)?;
-        let port = free_port();
-        let etcd_port = free_port();
+        let port = unused_port();
+        let etcd_port = unused_port();
         let url = format!("https://127.0.0.1:{port}");
         let identity = |p: &Pair| {
             let mut pem = p.cert_pem.clone().into_bytes();
@@ -292,7 +324,7 @@ impl ControlPlane {
             ],
         )?;
         cp.others.lock().expect("lock").push(kcm);
-        let sched_port = free_port();
+        let sched_port = unused_port();
         let sched = cp.spawn(
             "kube-scheduler",
             &[

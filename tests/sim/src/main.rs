@@ -394,9 +394,7 @@ fn simulate() -> anyhow::Result<bool> {
         "the cluster",
     )?;
     // The repository is served by git daemon on loopback, as a real git server would be.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = nk3_controlplane::unused_port();
     let exec_path = git(base, &["--exec-path"])?;
     let serve = |port: u16| -> anyhow::Result<Child> {
         let child = Command::new(Path::new(&exec_path).join("git-daemon"))
