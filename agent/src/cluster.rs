@@ -926,7 +926,10 @@ impl Cluster {
         let stop = Arc::new(AtomicBool::new(false));
         let (me, lease, flag) = (self.clone(), lease.to_string(), stop.clone());
         let every = (duration / 3).max(Duration::from_millis(200));
+        // The renewer's lines carry the node and commit of the step that started it.
+        let span = tracing::Span::current();
         let handle = std::thread::spawn(move || {
+            let _entered = span.enter();
             let mut last = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
@@ -936,13 +939,13 @@ impl Cluster {
                         Err(KubeError::Status {
                             reason, message, ..
                         }) if reason == "LeaseLost" => {
-                            tracing::error!(host = %me.me, "lost the rollout lease {lease}: {message}");
+                            tracing::error!("lost the rollout lease {lease}: {message}");
                             if let Ok(mut l) = LOST.lock() {
                                 *l = Some(message);
                             }
                             return;
                         }
-                        Err(e) => tracing::warn!(host = %me.me, "cannot renew lease {lease}: {e}"),
+                        Err(e) => tracing::warn!("cannot renew lease {lease}: {e}"),
                     }
                     last = Instant::now();
                 }

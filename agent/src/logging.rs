@@ -10,7 +10,7 @@ use std::fmt;
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
 /// Installs the subscriber for `level` and more severe. Logs go to stderr.
@@ -51,6 +51,17 @@ where
         };
         write!(writer, "<{priority}>")?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
+        // The node and commit come from the step's span.
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<FormattedFields<N>>() {
+                    if !fields.is_empty() {
+                        write!(writer, " {fields}")?;
+                    }
+                }
+            }
+        }
         writeln!(writer)
     }
 }

@@ -8,7 +8,9 @@ mod cluster;
 mod cluster_tests;
 mod command;
 mod commands;
+mod coordination;
 mod drain;
+mod effects;
 mod env_vars;
 mod git;
 mod kube;
@@ -17,7 +19,7 @@ mod machine;
 mod metrics;
 mod progress;
 mod reconcile;
-mod rollout;
+mod runner;
 mod state;
 mod system;
 

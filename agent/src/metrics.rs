@@ -175,7 +175,7 @@ pub async fn serve(listener: TcpListener, shared: Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{LastResult, Phase};
+    use nk3_common::state::{LastResult, Phase};
 
     #[test]
     fn metrics_show_phase_commit_and_outcome() {

@@ -9,16 +9,15 @@ use std::time::{Duration, SystemTime};
 use anyhow::{anyhow, Context as _};
 use git2::Repository;
 use nk3_common::identity::{self, MatchedBy};
-use nk3_common::inventory::{self, Inventory, Node, RebootPolicy, Rollout};
+use nk3_common::inventory::{self, Inventory, Node, Rollout};
 use nk3_common::render::{self, HostFacts, Options, Source as RenderSource, Template};
 use tracing::{debug, error, info, warn};
 
 use crate::cli::{AgentArgs, TOKEN_FILE_NAME};
 use crate::git::{Access, Signers, Source};
 use crate::machine;
-use crate::rollout::Coordination;
-use crate::state::{self, Hold, LastResult, Outcome, Phase, Rejected, State};
-use crate::system::{self, Nixos};
+use crate::state::{self, Phase, Rejected, State};
+use crate::system::Nixos;
 
 /// Where the previous configuration.nix is kept when a new one lands.
 pub const PREVIOUS_CONFIG: &str = "configuration.nix.previous";
@@ -86,8 +85,6 @@ pub struct Target {
     pub matched_by: MatchedBy,
     /// The rendered configuration.nix.
     pub rendered: String,
-    /// The inventory's reboot policy.
-    pub reboot: RebootPolicy,
     /// The inventory's rollout settings.
     pub rollout: Rollout,
     /// Namespaces whose workloads must be healthy before a node is disrupted.
@@ -173,7 +170,7 @@ impl Agent {
     }
 
     /// The NixOS side.
-    pub(crate) fn nixos(&self) -> &Nixos {
+    pub(crate) fn nixos(&self) -> &dyn crate::effects::NixosSystem {
         &self.nixos
     }
 
@@ -182,123 +179,7 @@ impl Agent {
         state::save(&self.settings.state_dir, &self.state)
     }
 
-    fn host(&self) -> String {
-        self.state
-            .host
-            .clone()
-            .unwrap_or_else(|| "this machine".to_string())
-    }
-
-    pub(crate) fn finish(
-        &mut self,
-        outcome: Outcome,
-        commit: Option<&str>,
-        message: String,
-    ) -> anyhow::Result<Outcome> {
-        self.state.last = Some(LastResult {
-            outcome,
-            commit: commit.map(str::to_string),
-            message,
-            at: state::now(),
-        });
-        self.save()?;
-        Ok(outcome)
-    }
-
-    /// Reports a problem once: again only when it changes.
-    pub(crate) fn problem(&mut self, commit: Option<&str>, message: &str) {
-        if self.state.last.as_ref().map(|l| l.message.as_str()) != Some(message) {
-            warn!(host = %self.host(), commit = %short(commit), "{message}");
-        }
-    }
-
-    /// One pass. Errors are for what the pass could not get past (the state is saved first).
-    pub fn pass(&mut self) -> anyhow::Result<Outcome> {
-        self.waiting_for_lease = false;
-        if let Some(outcome) = self.resume()? {
-            return Ok(outcome);
-        }
-        let (repo, replaced) = self.source.open(true)?;
-        if let Some(why) = replaced {
-            warn!(host = %self.host(), commit = %short(self.state.fetched.as_deref()), "the clone in {} was broken ({why}); cloned it again", self.source.dir().display());
-        }
-        if let Some(outcome) = self.resume_held(&repo)? {
-            return Ok(outcome);
-        }
-        let commit = match self.fetch(&repo)? {
-            Some(c) => c,
-            None => {
-                let msg = match &self.state.source_problem {
-                    Some(p) => format!("no commit fetched yet: {p}"),
-                    None => "no commit fetched yet".to_string(),
-                };
-                return self.finish(Outcome::Failed, None, msg);
-            }
-        };
-        if let Some(reason) = crate::rollout::still_frozen(&self.state.phase, &commit) {
-            return self.finish(Outcome::Frozen, Some(&commit), reason);
-        }
-        match self.decide(&repo, &commit)? {
-            Decision::BadInventory { problems } => {
-                let msg = format!(
-                    "the inventory at commit {} has {} problem{}; nothing was applied, the node keeps running commit {}",
-                    short(Some(&commit)),
-                    problems.len(),
-                    if problems.len() == 1 { "" } else { "s" },
-                    short(self.state.applied.as_deref()),
-                );
-                if self.state.last.as_ref().map(|l| &l.message) != Some(&msg) {
-                    for p in &problems {
-                        error!(host = %self.host(), commit = %short(Some(&commit)), "{p}");
-                    }
-                }
-                self.problem(Some(&commit), &msg);
-                self.finish(Outcome::Refused, Some(&commit), msg)
-            }
-            Decision::NotANode(why) => {
-                let msg = format!("{why}; idle until the inventory names this machine");
-                self.problem(Some(&commit), &msg);
-                self.finish(Outcome::NotANode, Some(&commit), msg)
-            }
-            Decision::AlreadyRejected(r) => {
-                let msg = format!(
-                    "commit {} was rejected at {}; waiting for a new commit: {}",
-                    short(Some(&r.commit)),
-                    r.at,
-                    r.error
-                );
-                self.finish(Outcome::Rejected, Some(&commit), msg)
-            }
-            Decision::UpToDate(t) => {
-                self.identified(&t);
-                self.write_token(&t)?;
-                let first = self.state.applied.as_deref() != Some(&t.commit)
-                    || self.state.last.as_ref().map(|l| l.outcome) != Some(Outcome::NoChange);
-                if first || self.report_idle {
-                    info!(host = %t.host, commit = %short(Some(&t.commit)), "No action needed on {}", t.host);
-                } else {
-                    debug!(host = %t.host, commit = %short(Some(&t.commit)), "No action needed on {}", t.host);
-                }
-                self.state.applied = Some(t.commit.clone());
-                self.finish(
-                    Outcome::NoChange,
-                    Some(&t.commit),
-                    format!("No action needed on {}", t.host),
-                )
-            }
-            Decision::Apply {
-                target,
-                diff,
-                why,
-                upgrade,
-            } => {
-                self.identified(&target);
-                self.apply(target, diff, why, upgrade)
-            }
-        }
-    }
-
-    fn identified(&mut self, t: &Target) {
+    pub(crate) fn identified(&mut self, t: &Target) {
         // Before the file is replaced: the release the machine was installed with.
         if self.state.state_version.is_none() {
             self.state.state_version = self.machine_state_version();
@@ -308,74 +189,8 @@ impl Agent {
         self.state.host = Some(t.host.clone());
     }
 
-    /// Finishes what an interrupted pass left. `Some` ends this pass.
-    fn resume(&mut self) -> anyhow::Result<Option<Outcome>> {
-        match self.state.phase.clone() {
-            Phase::Idle | Phase::Built { .. } | Phase::Switching { .. } => Ok(None),
-            Phase::Building {
-                commit,
-                had_previous,
-                ..
-            } => {
-                // The new file may or may not have landed, and its build did not finish: put the
-                // previous file back and start the pass over.
-                self.restore(had_previous)?;
-                warn!(host = %self.host(), commit = %short(Some(&commit)), "a build of commit {} was interrupted; restored the previous configuration.nix and starting over", short(Some(&commit)));
-                self.state.phase = Phase::Idle;
-                self.save()?;
-                Ok(None)
-            }
-            Phase::Draining { .. }
-            | Phase::Verifying { .. }
-            | Phase::Frozen { .. }
-            | Phase::Rebooting { hold: Some(_), .. } => Ok(None),
-            Phase::Rebooting {
-                commit,
-                system,
-                boot_id,
-                hold: None,
-                ..
-            } => {
-                let now = self.nixos.boot_id()?;
-                if now == boot_id {
-                    // The reboot asked for has not happened (the agent was stopped before it):
-                    // ask again.
-                    info!(host = %self.host(), commit = %short(Some(&commit)), "Rebooting {} (asked again: the machine has not rebooted yet)", self.host());
-                    self.nixos.reboot()?;
-                    return Ok(Some(Outcome::Rebooting));
-                }
-                if self.nixos.current().as_deref() == Some(system.as_str()) {
-                    self.record_applied(&commit, system)?;
-                    info!(host = %self.host(), commit = %short(Some(&commit)), "{} is up on commit {}", self.host(), short(Some(&commit)));
-                    let msg = format!("applied commit {} (after a reboot)", short(Some(&commit)));
-                    self.finish(Outcome::Applied, Some(&commit), msg)?;
-                    Ok(None)
-                } else {
-                    let msg = format!(
-                        "{} rebooted but runs {}, not the system commit {} built ({system})",
-                        self.host(),
-                        self.nixos
-                            .current()
-                            .unwrap_or_else(|| "an unknown system".into()),
-                        short(Some(&commit))
-                    );
-                    // The machine came back on another generation (the boot loader did not
-                    // take the new one, or someone chose another at boot). Put the previous
-                    // file back so the disk matches what runs, and do not try this commit
-                    // again: a reboot loop is worse than a stale node.
-                    let had_previous = self.previous_path().exists();
-                    self.restore(had_previous)?;
-                    error!(host = %self.host(), commit = %short(Some(&commit)), "{msg}");
-                    self.mark_rejected(commit.clone(), msg.clone());
-                    self.finish(Outcome::Rejected, Some(&commit), msg)?;
-                    Ok(None)
-                }
-            }
-        }
-    }
-
     /// Step 1: the commit to work on. `None` when there is none yet.
-    fn fetch(&mut self, repo: &Repository) -> anyhow::Result<Option<String>> {
+    pub(crate) fn fetch(&mut self, repo: &Repository) -> anyhow::Result<Option<String>> {
         let head = match self.source.poll(repo) {
             Ok(h) => h,
             Err(e) => {
@@ -384,7 +199,7 @@ impl Agent {
                     short(self.state.applied.as_deref())
                 );
                 if self.state.source_problem.as_deref() != Some(msg.as_str()) {
-                    warn!(host = %self.host(), commit = %short(self.state.fetched.as_deref()), "{msg}");
+                    warn!("{msg}");
                     self.state.source_problem = Some(msg);
                     self.save()?;
                 }
@@ -392,10 +207,10 @@ impl Agent {
             }
         };
         if self.state.source_problem.take().is_some() {
-            info!(host = %self.host(), commit = %short(Some(&head.commit)), "{} answers again", self.source.display_url());
+            info!("{} answers again", self.source.display_url());
         }
         if head.fetched {
-            debug!(host = %self.host(), commit = %short(Some(&head.commit)), "fetched {}", head.commit);
+            debug!("fetched {}", head.commit);
         }
         let refusal = match self.state.fetched.as_deref() {
             Some(old) if !self.settings.allow_force_push => self
@@ -420,7 +235,7 @@ impl Agent {
                 short(self.state.applied.as_deref())
             );
             if self.state.refused_head.as_deref() != Some(msg.as_str()) {
-                error!(host = %self.host(), commit = %short(Some(&head.commit)), "{msg}");
+                error!("{msg}");
                 self.state.refused_head = Some(msg);
             }
             self.save()?;
@@ -494,7 +309,6 @@ impl Agent {
             host: node.hostname.clone(),
             matched_by,
             rendered,
-            reboot: inv.rollout.reboot,
             rollout: inv.rollout.clone(),
             watch_namespaces: inv.watch_namespaces.clone(),
             members: inv.nodes.iter().map(|n| n.hostname.clone()).collect(),
@@ -644,296 +458,18 @@ impl Agent {
         }
     }
 
-    /// Steps 3 (land) to 5, and the switch.
-    fn apply(
-        &mut self,
-        t: Target,
-        diff: Option<String>,
-        why: &str,
-        upgrade: bool,
-    ) -> anyhow::Result<Outcome> {
-        let c = short(Some(&t.commit));
-        // Built before and waiting for the cluster (the lease, the gate, a drain): the file
-        // on disk is this commit's, so go on from the build instead of building again.
-        if let Phase::Built { commit, system } = &self.state.phase {
-            let on_disk = std::fs::read_to_string(&self.nixos.config).unwrap_or_default();
-            if commit == &t.commit && render::body(&on_disk) == render::body(&t.rendered) {
-                let system = system.clone();
-                return self.after_build(&t, system, self.previous_path().exists());
-            }
-        }
-        match &diff {
-            Some(d) => {
-                info!(host = %t.host, commit = %c, "{} modified: ({why})", t.host);
-                for line in d.lines() {
-                    info!(host = %t.host, commit = %c, "  {line}");
-                }
-            }
-            None => {
-                info!(host = %t.host, commit = %c, "{}: building the configuration again ({why})", t.host)
-            }
-        }
-        self.write_token(&t)?;
-        if upgrade {
-            if let Some(channel) = &t.channel {
-                info!(host = %t.host, commit = %c, "following channel {channel} on {}", t.host);
-                if let Err(e) = self.nixos.set_channel(channel) {
-                    let msg = e.to_string();
-                    error!(host = %t.host, commit = %c, "{msg}");
-                    return self.finish(Outcome::Failed, Some(&t.commit), msg);
-                }
-            }
-        }
-        // Land: keep the previous file, record the phase, then write the new one.
-        let config = self.nixos.config.clone();
-        let had_previous = config.exists();
-        if had_previous {
-            let previous = std::fs::read(&config)
-                .with_context(|| format!("cannot read {}", config.display()))?;
-            state::write_atomic(&self.previous_path(), &previous, 0o600)?;
-            // Its mode goes back with it (a hand-made file may be 0600, holding secrets).
-            self.state.previous_mode = std::fs::metadata(&config)
-                .ok()
-                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777);
-        }
-        self.state.phase = Phase::Building {
-            commit: t.commit.clone(),
-            had_previous,
-            upgrade,
-        };
-        self.save()?;
-        if let Some(dir) = config.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        state::write_atomic(&config, t.rendered.as_bytes(), 0o644)?;
-        info!(host = %t.host, commit = %c, "Rebuilding NixOS on {}", t.host);
-        let system = match self.nixos.build(upgrade) {
-            Ok(s) => s,
-            // Nix refused the configuration: this commit is not tried again.
-            Err(e) if e.failure == system::Failure::Exited => {
-                return self.reject(&t, had_previous, e.tail)
-            }
-            // The build hung or could not start: nothing is known about the commit, so the
-            // next pass tries it again (the node keeps what it runs meanwhile).
-            Err(e) => {
-                self.restore(had_previous)?;
-                self.state.phase = Phase::Idle;
-                let msg = format!("{e}; configuration.nix is back to what it was, and the next pass builds commit {c} again");
-                error!(host = %t.host, commit = %c, "{msg}");
-                return self.finish(Outcome::Failed, Some(&t.commit), msg);
-            }
-        };
-        if upgrade {
-            self.state.channel = t.channel.clone();
-            self.state.last_upgrade = Some(state::now());
-        }
-        self.state.phase = Phase::Built {
-            commit: t.commit.clone(),
-            system: system.clone(),
-        };
-        self.save()?;
-        self.after_build(&t, system, had_previous)
-    }
-
-    /// Step 5 on: refuse a system without the agent, stop if it is what runs, else switch —
-    /// directly, or under the cluster's lease.
-    fn after_build(
-        &mut self,
-        t: &Target,
-        system: String,
-        had_previous: bool,
-    ) -> anyhow::Result<Outcome> {
-        let c = short(Some(&t.commit));
-        if !system::has_agent_unit(&system) {
-            return self.reject(t, had_previous, format!("the new system {system} has no nk3-agent.service: it would stop nk3 from managing this node (does configuration.nix still import ./nk3.nix?)"));
-        }
-        if self.nixos.current().as_deref() == Some(system.as_str()) {
-            self.let_go(&t.host, t.rollout.max_unavailable)?;
-            self.record_applied(&t.commit, system)?;
-            info!(host = %t.host, commit = %c, "No action needed on {}: it already runs this system", t.host);
-            return self.finish(
-                Outcome::NoChange,
-                Some(&t.commit),
-                format!("No action needed on {}", t.host),
-            );
-        }
-        // A node of a running cluster takes the rollout lease, checks the cluster's health
-        // and drains itself first (steps 6 to 8). Only a machine where k3s never joined a
-        // cluster (bootstrap) switches directly.
-        match self.coordination(&t.host)? {
-            Coordination::Lease(cluster) => self.coordinated(t, system, cluster),
-            Coordination::Bootstrap => {
-                info!(host = %t.host, commit = %c, "k3s has not joined a cluster on {} yet: switching without the rollout lease (bootstrap)", t.host);
-                self.switch(t, system, None)
-            }
-            Coordination::NoCredentials(msg) => {
-                self.problem(Some(&t.commit), &msg);
-                self.finish(Outcome::Waiting, Some(&t.commit), msg)
-            }
-        }
-    }
-
-    /// Step 9: switch, or boot and reboot; with `hold`, under the lease, then verify.
-    pub(crate) fn switch(
-        &mut self,
-        t: &Target,
-        system: String,
-        hold: Option<Hold>,
-    ) -> anyhow::Result<Outcome> {
-        let c = short(Some(&t.commit));
-        let reasons = self.nixos.reboot_reasons(&system);
-        let reboot = t.reboot == RebootPolicy::Always || !reasons.is_empty();
-        // The lease lost while the node was being drained: whoever holds it now may be
-        // disrupting itself; this node does not switch.
-        if let (Some(h), Some(why)) = (&hold, crate::cluster::lease_lost()) {
-            if let Some(cluster) = self.cluster(&t.host)? {
-                cluster.uncordon(h.was_unschedulable)?;
-                let _ = cluster.annotate(None, "idle");
-            }
-            self.state.phase = Phase::Built {
-                commit: t.commit.clone(),
-                system,
-            };
-            let msg = format!("lost the rollout lease before switching ({why}); uncordoned {} without switching, will try again", t.host);
-            warn!(host = %t.host, commit = %c, "{msg}");
-            return self.finish(Outcome::Waiting, Some(&t.commit), msg);
-        }
-        self.state.phase = Phase::Switching {
-            commit: t.commit.clone(),
-            system: system.clone(),
-            reboot,
-            hold: hold.clone(),
-            rollback: None,
-        };
-        if hold.is_some() {
-            // Under the lease the cluster sees each step (kubectl describe node).
-            if let Some(cluster) = self.cluster(&t.host)? {
-                let (phase, what) = if reboot {
-                    (
-                        "rebooting",
-                        format!("nk3 is rebooting the node into commit {c}"),
-                    )
-                } else {
-                    (
-                        "switching",
-                        format!("nk3 is switching the node to commit {c}"),
-                    )
-                };
-                let _ = cluster.annotate(None, phase);
-                cluster.event(if reboot { "Rebooting" } else { "Switching" }, &what, false);
-            }
-        }
-        self.save()?;
-        if reboot {
-            if let Err(e) = self.nixos.boot() {
-                return self.switch_failed(t, e.to_string());
-            }
-            let boot_id = self.nixos.boot_id()?;
-            self.state.phase = Phase::Rebooting {
-                commit: t.commit.clone(),
-                system,
-                boot_id,
-                hold,
-                rollback: false,
-            };
-            self.save()?;
-            let why = if reasons.is_empty() {
-                "reboot: always".to_string()
-            } else {
-                format!("{} changed", reasons.join(", "))
-            };
-            info!(host = %t.host, commit = %c, "Rebooting {} ({why})", t.host);
-            if let Err(e) = self.nixos.reboot() {
-                // Stay in the rebooting phase: the next pass asks again.
-                error!(host = %t.host, commit = %c, "{e}");
-                return self.finish(Outcome::Failed, Some(&t.commit), e.to_string());
-            }
-            return self.finish(
-                Outcome::Rebooting,
-                Some(&t.commit),
-                format!("rebooting into commit {c} ({why})"),
-            );
-        }
-        if let Err(e) = self.nixos.switch() {
-            if hold.is_none() {
-                return self.switch_failed(t, e.to_string());
-            }
-            // Under the lease a failed activation is judged by the health checks, which
-            // roll it back if the node is not healthy.
-            error!(host = %t.host, commit = %c, "{e}");
-        }
-        if let Some(hold) = hold {
-            let v = crate::rollout::Verify {
-                commit: t.commit.clone(),
-                host: t.host.clone(),
-                system,
-                hold,
-                deadline: crate::clock::wall(t.rollout.health_timeout),
-                rollback: None,
-                watch: t.watch_namespaces.clone(),
-                since: SystemTime::now(),
-            };
-            return self.verify(v, &t.rollout);
-        }
-        self.record_applied(&t.commit, system)?;
-        info!(host = %t.host, commit = %c, "{} switched to commit {c}", t.host);
-        self.finish(
-            Outcome::Applied,
-            Some(&t.commit),
-            format!("applied commit {c}"),
-        )
-    }
-
-    /// A switch (or boot) that failed: activation may have gone part of the way, so the file
-    /// stays, and the commit is not tried again until a new one arrives.
-    fn switch_failed(&mut self, t: &Target, msg: String) -> anyhow::Result<Outcome> {
-        let c = short(Some(&t.commit));
-        error!(host = %t.host, commit = %c, "switching {} to commit {c} failed; not trying this commit again: {msg}", t.host);
-        self.mark_rejected(t.commit.clone(), msg.clone());
-        self.finish(Outcome::Rejected, Some(&t.commit), msg)
-    }
-
-    /// Records that the node runs `commit`'s `system`, and keeps a copy of the file it was
-    /// built from: later passes compare the file on disk with it to notice hand edits and
-    /// files landed by an interrupted pass.
-    pub(crate) fn record_applied(&mut self, commit: &str, system: String) -> anyhow::Result<()> {
+    /// Keeps a copy of the configuration.nix the running system was built from: later
+    /// passes compare the file on disk with it to notice hand edits and files landed by an
+    /// interrupted pass.
+    pub(crate) fn keep_applied_copy(&self) -> anyhow::Result<()> {
         if let Ok(text) = std::fs::read(&self.nixos.config) {
             state::write_atomic(&self.applied_path(), &text, 0o600)?;
         }
-        self.state.phase = Phase::Idle;
-        self.state.applied = Some(commit.to_string());
-        self.state.applied_system = Some(system);
         Ok(())
     }
 
     fn applied_path(&self) -> PathBuf {
         self.settings.state_dir.join(APPLIED_CONFIG)
-    }
-
-    /// A build Nix refused: the previous file goes back, byte for byte.
-    fn reject(&mut self, t: &Target, had_previous: bool, error: String) -> anyhow::Result<Outcome> {
-        self.restore(had_previous)?;
-        let c = short(Some(&t.commit));
-        error!(host = %t.host, commit = %c, "commit {c} rejected on {}: {error}", t.host);
-        warn!(host = %t.host, commit = %c, "Changes reverted on {}: configuration.nix is back to what it was", t.host);
-        self.mark_rejected(t.commit.clone(), error.clone());
-        self.finish(
-            Outcome::Rejected,
-            Some(&t.commit),
-            format!("commit {c} rejected: {error}"),
-        )
-    }
-
-    /// Records `commit` as not to be tried again (until a new commit arrives) and ends
-    /// whatever phase was under way.
-    pub(crate) fn mark_rejected(&mut self, commit: impl Into<String>, error: impl Into<String>) {
-        self.state.rejected = Some(Rejected {
-            commit: commit.into(),
-            error: error.into(),
-            at: state::now(),
-        });
-        self.state.phase = Phase::Idle;
     }
 
     pub(crate) fn previous_path(&self) -> PathBuf {
@@ -958,7 +494,7 @@ impl Agent {
     }
 
     /// Writes the token file k3s reads (mode 0600), when its content changes.
-    fn write_token(&self, t: &Target) -> anyhow::Result<()> {
+    pub(crate) fn write_token(&self, t: &Target) -> anyhow::Result<()> {
         let token = match &t.token {
             None => return Ok(()),
             Some(TokenSource::Inline(s)) => s.clone(),
@@ -1135,13 +671,7 @@ fn redact_assignment(line: &str) -> String {
     out
 }
 
-/// A commit for logs: its first 12 characters, or `none`.
-pub fn short(commit: Option<&str>) -> &str {
-    match commit {
-        Some(c) => &c[..c.len().min(12)],
-        None => "none",
-    }
-}
+pub use nk3_common::rollout::short;
 
 #[cfg(test)]
 mod tests {

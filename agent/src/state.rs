@@ -14,9 +14,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use fs2::FileExt;
 
-pub use nk3_common::state::{
-    DrainBlocked, Hold, LastResult, LeaseSeen, Outcome, Phase, Rejected, State, VERSION,
-};
+pub use nk3_common::state::{LeaseSeen, Outcome, Phase, Rejected, State, VERSION};
 
 /// The current time in RFC 3339, to the second.
 pub fn now() -> String {
@@ -190,7 +188,7 @@ mod tests {
             commit: "abc".into(),
             system: "/nix/store/x".into(),
             reboot: true,
-            hold: Some(Hold {
+            hold: Some(nk3_common::state::Hold {
                 lease: "nk3-rollout".into(),
                 was_unschedulable: true,
                 ready_before: vec!["a".into(), "b".into()],

@@ -12,5 +12,6 @@ pub mod kubeconfig;
 pub mod lease;
 pub mod naming;
 pub mod render;
+pub mod rollout;
 pub mod state;
 pub mod yaml;

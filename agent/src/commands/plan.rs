@@ -6,8 +6,8 @@
 use std::process::ExitCode;
 
 use crate::cli::AgentArgs;
+use crate::coordination::Coordination;
 use crate::reconcile::{short, Agent, Decision};
-use crate::rollout::Coordination;
 use crate::state;
 
 /// Prints the plan. Exit 0 when the node would be left as it is, 2 when a pass would

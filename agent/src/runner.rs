@@ -1,0 +1,564 @@
+//! The agent's pass: observe, decide, persist, act, until the decision ends the pass.
+//!
+//! Nothing here decides what the node does next: that is
+//! [`nk3_common::rollout::next_action`]. The runner only does what an action says, through
+//! the side-effect traits of [`crate::effects`], and writes what it found back into the
+//! observation. The k3s client is made once per pass.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context as _};
+use git2::Repository;
+use nk3_common::inventory::Inventory;
+use nk3_common::rollout::{
+    self, next_action, Action, Built, Claim, Coordination, Failed, Halt, Level, Machine,
+    Observation, Op, Plan, Settings, Step,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::cluster::{Acquire, Cluster, Renewer};
+use crate::effects::Clock;
+use crate::reconcile::{short, Agent, Decision, Target};
+use crate::state::{self, Outcome};
+
+/// One pass under way: what it has looked at, and what it holds for the pass's length.
+struct Pass {
+    obs: Observation,
+    repo: Option<Repository>,
+    /// The cluster, once connected (`None` inside: there is no kubeconfig).
+    cluster: Option<Option<Arc<Cluster>>>,
+    /// The node the plan found in the head commit's inventory.
+    target: Option<Target>,
+    /// The inventory of the phase's commit, read for a resume.
+    inventory: Option<(String, Inventory)>,
+    /// The lease renewed in the background until the pass ends.
+    renewer: Option<Renewer>,
+    /// The lease records seen before a restart are taken up once a pass.
+    seeded: bool,
+}
+
+/// A command's failure as the decision sees it.
+fn failed(e: &crate::command::CommandFailed) -> Failed {
+    use crate::command::Failure as F;
+    Failed {
+        failure: match e.failure {
+            F::NotStarted => rollout::Failure::NotStarted,
+            F::Exited => rollout::Failure::Exited,
+            F::TimedOut => rollout::Failure::TimedOut,
+        },
+        message: match e.failure {
+            // Nix's own words are what a person needs.
+            F::Exited if !e.tail.is_empty() => e.tail.clone(),
+            _ => e.to_string(),
+        },
+    }
+}
+
+/// The rollout settings of a node of `inv`.
+pub(crate) fn settings_of(inv: &Inventory, host: &str) -> Settings {
+    let r = &inv.rollout;
+    Settings {
+        host: host.to_string(),
+        reboot: r.reboot,
+        max_unavailable: r.max_unavailable,
+        lease_duration: r.lease_duration,
+        drain_timeout: r.drain_timeout,
+        health_timeout: r.health_timeout,
+    }
+}
+
+impl Agent {
+    /// One pass. Errors are for what the pass could not get past (the state is saved first).
+    pub fn pass(&mut self) -> anyhow::Result<Outcome> {
+        self.waiting_for_lease = false;
+        let now = self.clock().now();
+        let mut p = Pass {
+            obs: Observation::pass(now, self.settings().poll_interval, self.report_idle),
+            repo: None,
+            cluster: None,
+            target: None,
+            inventory: None,
+            renewer: None,
+            seeded: false,
+        };
+        for steps in 0u64.. {
+            p.obs.now = Some(self.clock().now());
+            if p.obs.renewing {
+                p.obs.lease_lost = crate::cluster::lease_lost();
+            }
+            let step = next_action(&self.state, &p.obs);
+            // Each step's lines, and those of the code it runs, carry the node and the
+            // commit it is about.
+            let commit = self
+                .state
+                .phase
+                .commit()
+                .or(p.obs.plan.as_ref().and_then(Plan::commit))
+                .or(self.state.fetched.as_deref());
+            let span = tracing::info_span!(
+                "rollout",
+                host = %self.state.host.as_deref().unwrap_or("this machine"),
+                commit = %short(commit),
+            );
+            let _entered = span.enter();
+            if let Some(outcome) = self.take(&mut p, step)? {
+                return Ok(outcome);
+            }
+            // Every step either learns a fact, changes the state or waits: a decision that
+            // goes round without any of them is a bug, reported rather than spun on.
+            if steps > 1_000_000 {
+                anyhow::bail!(
+                    "the rollout decision did not settle (phase {})",
+                    self.state.phase.name()
+                );
+            }
+        }
+        unreachable!("the loop ends by returning")
+    }
+
+    /// Persists, tells, and acts on one step; `Some` ends the pass.
+    fn take(&mut self, p: &mut Pass, step: Step) -> anyhow::Result<Option<Outcome>> {
+        let Step {
+            state,
+            logs,
+            event,
+            annotate,
+            action,
+        } = step;
+        if let Some(st) = state {
+            let entered = st.phase.name() != self.state.phase.name();
+            self.state = *st;
+            self.save()?;
+            if entered {
+                p.obs.entered();
+            }
+        }
+        for l in logs {
+            match l.level {
+                Level::Debug => debug!("{}", l.message),
+                Level::Info => info!("{}", l.message),
+                Level::Warn => warn!("{}", l.message),
+                Level::Error => error!("{}", l.message),
+            }
+        }
+        if event.is_some() || annotate.is_some() {
+            if let Some(c) = self.pass_cluster(p)? {
+                if let Some(a) = annotate {
+                    let _ = c.annotate(a.commit.as_deref(), a.phase);
+                }
+                if let Some(e) = event {
+                    c.event(e.reason, &e.message, e.warning);
+                }
+            }
+        }
+        self.act(p, action)
+    }
+
+    /// The cluster for this pass, connected the first time it is needed.
+    fn pass_cluster(&self, p: &mut Pass) -> anyhow::Result<Option<Arc<Cluster>>> {
+        if p.cluster.is_none() {
+            let host = self.state.host.clone().unwrap_or_default();
+            p.cluster = Some(self.cluster(&host)?);
+        }
+        Ok(p.cluster.clone().flatten())
+    }
+
+    /// The cluster, which this step cannot do without.
+    fn need_cluster(&self, p: &mut Pass) -> anyhow::Result<Arc<Cluster>> {
+        self.pass_cluster(p)?.ok_or_else(|| {
+            anyhow!(
+                "the kubeconfig {} is gone; cannot go on with the rollout",
+                self.settings().kubeconfig.display()
+            )
+        })
+    }
+
+    fn repo<'p>(&mut self, p: &'p mut Pass) -> anyhow::Result<&'p Repository> {
+        if p.repo.is_none() {
+            let (repo, replaced) = self.source().open(true)?;
+            if let Some(why) = replaced {
+                warn!(
+                    "the clone in {} was broken ({why}); cloned it again",
+                    self.source().dir().display()
+                );
+            }
+            p.repo = Some(repo);
+        }
+        Ok(p.repo.as_ref().expect("opened"))
+    }
+
+    /// The inventory of the phase's commit: the plan's when it is the same commit.
+    fn phase_inventory(&mut self, p: &mut Pass) -> anyhow::Result<Inventory> {
+        let commit = self
+            .state
+            .phase
+            .commit()
+            .ok_or_else(|| anyhow!("no rollout under way"))?
+            .to_string();
+        if let Some((c, inv)) = &p.inventory {
+            if *c == commit {
+                return Ok(inv.clone());
+            }
+        }
+        let repo = self.repo(p)?;
+        let inv = self.inventory_at(repo, &commit)?;
+        p.inventory = Some((commit, inv.clone()));
+        Ok(inv)
+    }
+
+    /// The rollout settings and watched namespaces of `commit`.
+    fn rollout_of(&mut self, p: &mut Pass) -> anyhow::Result<Inventory> {
+        self.phase_inventory(p)
+    }
+
+    fn act(&mut self, p: &mut Pass, action: Action) -> anyhow::Result<Option<Outcome>> {
+        let o = &mut p.obs;
+        match action {
+            Action::Continue => {}
+            Action::Finish {
+                outcome,
+                lease_wait,
+            } => {
+                self.waiting_for_lease = lease_wait;
+                return Ok(Some(outcome));
+            }
+            Action::LookSettings => {
+                let host = self.state.host.clone().unwrap_or_default();
+                let r = self.phase_inventory(p).map(|inv| settings_of(&inv, &host));
+                p.obs.settings = Some(r.map_err(|e| format!("{e:#}")));
+            }
+            Action::LookPlan => self.look_plan(p)?,
+            Action::LookMachine => {
+                o.machine = Some(Machine {
+                    boot_id: self.nixos().boot_id()?,
+                    current: self.nixos().current(),
+                    previous_saved: self.previous_path().exists(),
+                });
+            }
+            Action::LookCoordination => {
+                let t = p.target.as_ref().ok_or_else(|| anyhow!("no plan"))?;
+                let host = t.host.clone();
+                let c = match self.coordination(&host)? {
+                    crate::coordination::Coordination::Lease(cluster) => {
+                        let refusal = self.refused_access(t, &cluster)?;
+                        p.cluster = Some(Some(cluster));
+                        match refusal {
+                            None => Coordination::Lease,
+                            Some(why) => Coordination::NoCredentials(why),
+                        }
+                    }
+                    crate::coordination::Coordination::Bootstrap => Coordination::Bootstrap,
+                    crate::coordination::Coordination::NoCredentials(why) => {
+                        Coordination::NoCredentials(why)
+                    }
+                };
+                p.obs.coordination = Some(c);
+            }
+            Action::LookHalt | Action::LookHaltHeld => {
+                let c = self.need_cluster(p)?;
+                let h = c.halt()?.map(|h| Halt {
+                    commit: h.commit,
+                    reason: h.reason,
+                    node: h.node,
+                });
+                if action == Action::LookHalt {
+                    p.obs.halt = Some(h);
+                } else {
+                    p.obs.halt_held = Some(h);
+                }
+            }
+            Action::LookBlocker => {
+                let c = self.need_cluster(p)?;
+                p.obs.blocker = Some(c.drain_blocker()?);
+            }
+            Action::Acquire => {
+                let c = self.need_cluster(p)?;
+                let host = self.state.host.clone().unwrap_or_default();
+                if !p.seeded {
+                    crate::cluster::seed(&host, &self.state.lease_seen);
+                    p.seeded = true;
+                }
+                let t = p.target.as_ref().ok_or_else(|| anyhow!("no plan"))?;
+                let claim = match c.acquire(t.rollout.max_unavailable, t.rollout.lease_duration)? {
+                    Acquire::Held(name) => Claim::Held(name),
+                    Acquire::Busy {
+                        holder,
+                        lease,
+                        left,
+                    } => {
+                        self.state.lease_seen = crate::cluster::seen(&host);
+                        Claim::Busy {
+                            holder,
+                            lease,
+                            left,
+                        }
+                    }
+                };
+                p.obs.claim = Some(claim);
+            }
+            Action::WaitForLease {
+                lease,
+                holder,
+                wait,
+            } => {
+                let c = self.need_cluster(p)?;
+                p.obs.waiting_since.get_or_insert(self.clock().now());
+                c.wait_for_change(&lease, &holder, wait)?;
+                p.obs.claim = None;
+            }
+            Action::LookGate => {
+                let c = self.need_cluster(p)?;
+                let t = p.target.as_ref().ok_or_else(|| anyhow!("no plan"))?;
+                let gate = match c.gate(&t.members, &t.watch_namespaces, t.rollout.ceph.as_ref())? {
+                    Err(why) => Err(why),
+                    Ok(()) => {
+                        // The inventory's nodes that are Ready now must still be Ready after
+                        // this node's disruption.
+                        let mut ready = c.ready_nodes()?;
+                        ready.retain(|n| t.members.contains(n));
+                        Ok(ready)
+                    }
+                };
+                p.obs.gate = Some(gate);
+            }
+            Action::LookRebootReasons(system) => {
+                let reasons = self.nixos().reboot_reasons(&system);
+                o.reboot_reasons = Some(reasons.into_iter().map(str::to_string).collect());
+            }
+            Action::Renew(lease) => {
+                if let Some(c) = self.pass_cluster(p)? {
+                    let r = self
+                        .phase_inventory(p)
+                        .and_then(|inv| Ok(c.renew(&lease, inv.rollout.lease_duration)?));
+                    if let Err(e) = r {
+                        warn!("cannot renew the lease while frozen: {e:#}");
+                    }
+                }
+                p.obs.renewed = true;
+            }
+            Action::KeepRenewed(lease) => {
+                let c = self.need_cluster(p)?;
+                let duration = match &p.target {
+                    Some(t) if Some(t.commit.as_str()) == self.state.phase.commit() => {
+                        t.rollout.lease_duration
+                    }
+                    _ => self.rollout_of(p)?.rollout.lease_duration,
+                };
+                if matches!(self.state.phase, crate::state::Phase::Built { .. }) {
+                    // Taken afresh: a loss seen by an earlier hold is forgotten.
+                    crate::cluster::lease_taken();
+                }
+                p.renewer = Some(c.keep_renewed(&lease, duration));
+                p.obs.renewing = true;
+            }
+            Action::WriteToken => {
+                let t = p.target.as_ref().ok_or_else(|| anyhow!("no plan"))?;
+                self.write_token(t)?;
+                o.token_written = true;
+            }
+            Action::SetChannel(channel) => {
+                o.channel_set = Some(
+                    self.nixos()
+                        .set_channel(&channel)
+                        .map_err(|e| e.to_string()),
+                );
+            }
+            Action::SavePrevious => {
+                self.save_previous()?;
+                o.previous_saved = true;
+            }
+            Action::Land => {
+                let t = p.target.as_ref().ok_or_else(|| anyhow!("no plan"))?;
+                self.land(t)?;
+                p.obs.landed = true;
+            }
+            Action::Build { upgrade } => {
+                let built = self.nixos().build(upgrade).map(|system| Built {
+                    has_agent: self.nixos().has_agent(&system),
+                    system,
+                });
+                o.built = Some(built.map_err(|e| failed(&e)));
+            }
+            Action::Inspect(system) => {
+                o.built = Some(Ok(Built {
+                    has_agent: self.nixos().has_agent(&system),
+                    system,
+                }));
+            }
+            Action::Restore { had_previous } => {
+                self.restore(had_previous)?;
+                o.restored = true;
+            }
+            Action::Cordon => {
+                let c = self.need_cluster(p)?;
+                p.obs.cordoned = Some(c.cordon()?);
+            }
+            Action::Drain(timeout) => {
+                let c = self.need_cluster(p)?;
+                p.obs.drained = Some(c.drain(timeout, &|| ()));
+            }
+            Action::Cluster(ops) => {
+                for op in ops {
+                    self.op(p, op)?;
+                }
+                p.obs.cluster_done = true;
+            }
+            Action::Switch => o.switched = Some(self.nixos().switch().map_err(|e| failed(&e))),
+            Action::Boot => o.switched = Some(self.nixos().boot().map_err(|e| failed(&e))),
+            Action::Rollback => {
+                o.rolled_back = Some(self.nixos().rollback().map_err(|e| failed(&e)));
+            }
+            Action::Reboot => o.rebooted = Some(self.nixos().reboot().map_err(|e| failed(&e))),
+            Action::CheckHealth {
+                ready_before,
+                since,
+                deadline,
+            } => {
+                let c = self.need_cluster(p)?;
+                let inv = self.rollout_of(p)?;
+                let systemctl = self.settings().systemctl.clone();
+                // The boot id is read at each look: it is this boot's the kubelet must
+                // report.
+                let fresh = crate::cluster::Fresh {
+                    boot_id: self.nixos().boot_id()?,
+                    since,
+                };
+                let health = c.healthy(
+                    &systemctl,
+                    &ready_before,
+                    &inv.rollout,
+                    &inv.watch_namespaces,
+                    &fresh,
+                    deadline,
+                );
+                p.obs.health = Some(health);
+            }
+            Action::Sleep(d) => {
+                self.clock().sleep(d);
+                o.health = None;
+            }
+            Action::RecordApplied => {
+                self.keep_applied_copy()?;
+                o.recorded = true;
+            }
+        }
+        Ok(None)
+    }
+
+    fn op(&mut self, p: &mut Pass, op: Op) -> anyhow::Result<()> {
+        match op {
+            Op::LetGo { max_unavailable } => {
+                if let Some(c) = self.pass_cluster(p)? {
+                    c.let_go(max_unavailable)?;
+                }
+            }
+            Op::Uncordon { was_unschedulable } => {
+                self.need_cluster(p)?.uncordon(was_unschedulable)?;
+            }
+            Op::Release(lease) => self.need_cluster(p)?.release(&lease)?,
+            Op::SetHalt { commit, reason } => self.need_cluster(p)?.set_halt(&commit, &reason)?,
+            Op::LiftHaltUnless(commit) => {
+                let c = self.need_cluster(p)?;
+                if c.halt()?.is_some_and(|h| h.commit != commit) {
+                    // A newer commit made it through: the old halt no longer applies.
+                    c.lift_halt()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps 1 to 3: the head commit and what it declares for this machine.
+    fn look_plan(&mut self, p: &mut Pass) -> anyhow::Result<()> {
+        self.repo(p)?;
+        let repo = p.repo.take().expect("opened");
+        let result = self.plan_of(&repo);
+        p.repo = Some(repo);
+        let (plan, target) = result?;
+        p.target = target;
+        p.obs.plan = Some(plan);
+        Ok(())
+    }
+
+    fn plan_of(&mut self, repo: &Repository) -> anyhow::Result<(Plan, Option<Target>)> {
+        let Some(commit) = self.fetch(repo)? else {
+            let msg = match &self.state.source_problem {
+                Some(p) => format!("no commit fetched yet: {p}"),
+                None => "no commit fetched yet".to_string(),
+            };
+            return Ok((Plan::NoCommit(msg), None));
+        };
+        Ok(match self.decide(repo, &commit)? {
+            Decision::BadInventory { problems } => (Plan::BadInventory { commit, problems }, None),
+            Decision::NotANode(why) => (Plan::NotANode { commit, why }, None),
+            Decision::AlreadyRejected(rejected) => {
+                (Plan::AlreadyRejected { commit, rejected }, None)
+            }
+            Decision::UpToDate(t) => {
+                self.identified(&t);
+                let settings = t.settings();
+                (Plan::UpToDate { commit, settings }, Some(t))
+            }
+            Decision::Apply {
+                target,
+                diff,
+                why,
+                upgrade,
+            } => {
+                self.identified(&target);
+                let config = self.settings().nixos_dir.join("configuration.nix");
+                let on_disk = std::fs::read_to_string(&config).ok();
+                let existing = std::fs::metadata(&config)
+                    .ok()
+                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777);
+                let plan = Plan::Apply {
+                    commit,
+                    settings: target.settings(),
+                    diff,
+                    why: why.to_string(),
+                    upgrade: upgrade.then(|| target.channel.clone()).flatten(),
+                    on_disk: on_disk.as_deref().map(nk3_common::render::body)
+                        == Some(nk3_common::render::body(&target.rendered)),
+                    existing,
+                };
+                (plan, Some(target))
+            }
+        })
+    }
+
+    /// Keeps the configuration.nix on disk as the previous one, to put back.
+    fn save_previous(&mut self) -> anyhow::Result<()> {
+        let config = self.settings().nixos_dir.join("configuration.nix");
+        let previous =
+            std::fs::read(&config).with_context(|| format!("cannot read {}", config.display()))?;
+        state::write_atomic(&self.previous_path(), &previous, 0o600)
+    }
+
+    /// Writes the rendered configuration.nix.
+    fn land(&self, t: &Target) -> anyhow::Result<()> {
+        let config = self.settings().nixos_dir.join("configuration.nix");
+        if let Some(dir) = config.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        state::write_atomic(&config, t.rendered.as_bytes(), 0o644)
+    }
+
+    fn clock(&self) -> &dyn Clock {
+        &crate::effects::SYSTEM_CLOCK
+    }
+}
+
+impl Target {
+    /// The rollout settings of this node at this commit.
+    pub(crate) fn settings(&self) -> Settings {
+        Settings {
+            host: self.host.clone(),
+            reboot: self.rollout.reboot,
+            max_unavailable: self.rollout.max_unavailable,
+            lease_duration: self.rollout.lease_duration,
+            drain_timeout: self.rollout.drain_timeout,
+            health_timeout: self.rollout.health_timeout,
+        }
+    }
+}

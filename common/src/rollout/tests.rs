@@ -1,0 +1,681 @@
+//! The decision as a table: every phase against every kind of observation, and the
+//! transitions that matter, one row each.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::*;
+use crate::state::{Hold, Phase};
+
+const C: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
+const NEW: &str = "/nix/store/new-system";
+const OLD: &str = "/nix/store/old-system";
+
+fn t0() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+fn settings() -> Settings {
+    Settings {
+        host: "node-1".into(),
+        reboot: RebootPolicy::WhenNeeded,
+        max_unavailable: 1,
+        lease_duration: Duration::from_secs(900),
+        drain_timeout: Duration::from_secs(600),
+        health_timeout: Duration::from_secs(300),
+    }
+}
+
+fn hold() -> Hold {
+    Hold {
+        lease: "nk3-rollout".into(),
+        was_unschedulable: false,
+        ready_before: vec!["node-1".into(), "node-2".into()],
+        since: Some(humantime::format_rfc3339_seconds(t0()).to_string()),
+    }
+}
+
+fn at(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Every phase the state can hold, with and without a lease where both exist.
+fn phases() -> Vec<Phase> {
+    let c = C.to_string();
+    vec![
+        Phase::Idle,
+        Phase::Building {
+            commit: c.clone(),
+            had_previous: true,
+            upgrade: false,
+        },
+        Phase::Built {
+            commit: c.clone(),
+            system: NEW.into(),
+        },
+        Phase::Draining {
+            commit: c.clone(),
+            system: NEW.into(),
+            hold: hold(),
+        },
+        Phase::Switching {
+            commit: c.clone(),
+            system: NEW.into(),
+            reboot: false,
+            hold: Some(hold()),
+            rollback: None,
+        },
+        Phase::Switching {
+            commit: c.clone(),
+            system: NEW.into(),
+            reboot: true,
+            hold: None,
+            rollback: None,
+        },
+        Phase::Switching {
+            commit: c.clone(),
+            system: OLD.into(),
+            reboot: false,
+            hold: Some(hold()),
+            rollback: Some("k3s.service is not active".into()),
+        },
+        Phase::Rebooting {
+            commit: c.clone(),
+            system: NEW.into(),
+            boot_id: "boot-1".into(),
+            hold: Some(hold()),
+            rollback: false,
+        },
+        Phase::Rebooting {
+            commit: c.clone(),
+            system: NEW.into(),
+            boot_id: "boot-1".into(),
+            hold: None,
+            rollback: false,
+        },
+        Phase::Rebooting {
+            commit: c.clone(),
+            system: OLD.into(),
+            boot_id: "boot-1".into(),
+            hold: Some(hold()),
+            rollback: true,
+        },
+        Phase::Verifying {
+            commit: c.clone(),
+            system: NEW.into(),
+            hold: hold(),
+            deadline: at(t0() + Duration::from_secs(300)),
+            rollback: false,
+            reason: None,
+            since: Some(at(t0())),
+        },
+        Phase::Verifying {
+            commit: c.clone(),
+            system: OLD.into(),
+            hold: hold(),
+            deadline: at(t0() + Duration::from_secs(300)),
+            rollback: true,
+            reason: Some("k3s.service is not active".into()),
+            since: Some(at(t0())),
+        },
+        Phase::Frozen {
+            commit: c,
+            hold: hold(),
+            reason: "even the rollback is unhealthy".into(),
+        },
+    ]
+}
+
+fn apply_plan() -> Plan {
+    Plan::Apply {
+        commit: C.into(),
+        settings: settings(),
+        diff: Some("-a\n+b\n".into()),
+        why: "new commit".into(),
+        upgrade: None,
+        on_disk: true,
+        existing: Some(0o644),
+    }
+}
+
+fn failed(failure: Failure) -> Failed {
+    Failed {
+        failure,
+        message: "error: boom".into(),
+    }
+}
+
+/// One observation per kind of fact, each in the shapes it comes in.
+fn observations() -> Vec<(&'static str, Observation)> {
+    let base = || Observation {
+        now: Some(t0() + Duration::from_secs(10)),
+        pass_started: Some(t0()),
+        poll_interval: Duration::from_secs(60),
+        ..Observation::default()
+    };
+    let machine = |boot: &str, current: &str| Machine {
+        boot_id: boot.into(),
+        current: Some(current.into()),
+        previous_saved: true,
+    };
+    let mut out: Vec<(&'static str, Observation)> = vec![("nothing yet", base())];
+    let mut add = |name: &'static str, f: &dyn Fn(&mut Observation)| {
+        let mut o = base();
+        o.plan = Some(apply_plan());
+        o.settings = Some(Ok(settings()));
+        f(&mut o);
+        out.push((name, o));
+    };
+    add("plan: apply", &|_| {});
+    add("plan: no commit", &|o| {
+        o.plan = Some(Plan::NoCommit("unreachable".into()))
+    });
+    add("plan: bad inventory", &|o| {
+        o.plan = Some(Plan::BadInventory {
+            commit: C.into(),
+            problems: vec!["inventory.yaml:3: bad".into()],
+        })
+    });
+    add("plan: not a node", &|o| {
+        o.plan = Some(Plan::NotANode {
+            commit: C.into(),
+            why: "no node has this address".into(),
+        })
+    });
+    add("plan: up to date", &|o| {
+        o.plan = Some(Plan::UpToDate {
+            commit: C.into(),
+            settings: settings(),
+        });
+        o.token_written = true;
+    });
+    add("plan: newer commit", &|o| {
+        o.plan = Some(Plan::Apply {
+            commit: "d00d".into(),
+            settings: settings(),
+            diff: None,
+            why: "new commit".into(),
+            upgrade: None,
+            on_disk: false,
+            existing: None,
+        })
+    });
+    add("settings unreadable", &|o| {
+        o.plan = None;
+        o.settings = Some(Err("no inventory.yaml at commit".into()));
+    });
+    add("machine: same boot, new system", &|o| {
+        o.machine = Some(machine("boot-1", NEW))
+    });
+    add("machine: new boot, new system", &|o| {
+        o.machine = Some(machine("boot-2", NEW))
+    });
+    add("machine: new boot, old system", &|o| {
+        o.machine = Some(machine("boot-2", OLD))
+    });
+    add("built ok", &|o| {
+        o.landed = true;
+        o.built = Some(Ok(Built {
+            system: NEW.into(),
+            has_agent: true,
+        }))
+    });
+    add("built without the agent", &|o| {
+        o.landed = true;
+        o.built = Some(Ok(Built {
+            system: NEW.into(),
+            has_agent: false,
+        }))
+    });
+    add("build refused", &|o| {
+        o.landed = true;
+        o.built = Some(Err(failed(Failure::Exited)))
+    });
+    add("build timed out", &|o| {
+        o.landed = true;
+        o.built = Some(Err(failed(Failure::TimedOut)))
+    });
+    add("bootstrap", &|o| {
+        o.coordination = Some(Coordination::Bootstrap)
+    });
+    add("no credentials", &|o| {
+        o.coordination = Some(Coordination::NoCredentials("no kubeconfig".into()))
+    });
+    add("halted", &|o| {
+        o.coordination = Some(Coordination::Lease);
+        o.halt = Some(Some(Halt {
+            commit: C.into(),
+            reason: "unhealthy".into(),
+            node: "node-2".into(),
+        }))
+    });
+    add("budget blocks", &|o| {
+        o.coordination = Some(Coordination::Lease);
+        o.halt = Some(None);
+        o.blocker = Some(Some(crate::disruption::Blocker {
+            budget: "db/pdb".into(),
+            pod: "db/db-0".into(),
+            why: "0 disruptions allowed".into(),
+            never: false,
+        }))
+    });
+    add("lease busy", &|o| {
+        o.coordination = Some(Coordination::Lease);
+        o.halt = Some(None);
+        o.blocker = Some(None);
+        o.claim = Some(Claim::Busy {
+            holder: "node-2".into(),
+            lease: "nk3-rollout".into(),
+            left: Duration::from_secs(30),
+        })
+    });
+    add("lease held, gate closed", &|o| {
+        o.coordination = Some(Coordination::Lease);
+        o.halt = Some(None);
+        o.blocker = Some(None);
+        o.claim = Some(Claim::Held("nk3-rollout".into()));
+        o.halt_held = Some(None);
+        o.gate = Some(Err("node node-2 is NotReady".into()));
+    });
+    add("lease held, gate open", &|o| {
+        o.coordination = Some(Coordination::Lease);
+        o.halt = Some(None);
+        o.blocker = Some(None);
+        o.claim = Some(Claim::Held("nk3-rollout".into()));
+        o.halt_held = Some(None);
+        o.gate = Some(Ok(vec!["node-2".into()]));
+        o.renewing = true;
+    });
+    add("cordoned", &|o| o.cordoned = Some(false));
+    add("drain timed out", &|o| {
+        o.cordoned = Some(false);
+        o.drained = Some(Err("drain timed out".into()))
+    });
+    add("drained, lease lost", &|o| {
+        o.cordoned = Some(false);
+        o.drained = Some(Ok(()));
+        o.reboot_reasons = Some(vec![]);
+        o.lease_lost = Some("node-2 holds it".into());
+    });
+    add("switched", &|o| {
+        o.switched = Some(Ok(()));
+        o.reboot_reasons = Some(vec!["kernel".into()]);
+        o.machine = Some(machine("boot-1", NEW));
+    });
+    add("switch failed", &|o| {
+        o.switched = Some(Err(failed(Failure::Exited)))
+    });
+    add("rolled back", &|o| {
+        o.rolled_back = Some(Ok(()));
+        o.reboot_reasons = Some(vec![]);
+        o.machine = Some(machine("boot-1", OLD));
+    });
+    add("reboot asked", &|o| o.rebooted = Some(Ok(())));
+    add("reboot failed", &|o| {
+        o.rebooted = Some(Err(failed(Failure::NotStarted)))
+    });
+    add("healthy", &|o| {
+        o.renewing = true;
+        o.health = Some(Ok(()));
+        o.machine = Some(machine("boot-2", OLD));
+    });
+    add("unhealthy, time left", &|o| {
+        o.renewing = true;
+        o.health = Some(Err("k3s.service is not active".into()))
+    });
+    add("unhealthy, deadline passed", &|o| {
+        o.renewing = true;
+        o.now = Some(t0() + Duration::from_secs(3600));
+        o.health = Some(Err("k3s.service is not active".into()));
+    });
+    out
+}
+
+fn disruptive(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::Cordon
+            | Action::Drain(_)
+            | Action::Switch
+            | Action::Boot
+            | Action::Rollback
+            | Action::Reboot
+    )
+}
+
+/// Every phase × every kind of observation, resumed and not: the decision answers (it is
+/// total), a disruptive action is only ever taken holding the lease or as a bootstrap, a
+/// step that ends the pass records why, and what a step writes keeps or gives back the
+/// lease explicitly.
+#[test]
+fn every_phase_against_every_observation() {
+    let mut rows = 0;
+    for phase in phases() {
+        for (name, obs) in observations() {
+            for resumed in [true, false] {
+                let state = State {
+                    phase: phase.clone(),
+                    host: Some("node-1".into()),
+                    applied: Some("beef".into()),
+                    applied_system: Some(OLD.into()),
+                    ..State::default()
+                };
+                let o = Observation {
+                    resumed,
+                    ..obs.clone()
+                };
+                let step = next_action(&state, &o);
+                rows += 1;
+                let after = step.state.as_deref().unwrap_or(&state);
+                let what = format!("{} / {name} / resumed={resumed}: {step:?}", phase.name());
+                if disruptive(&step.action) {
+                    let bootstrap = o.coordination == Some(Coordination::Bootstrap);
+                    let held = after.phase.hold().is_some();
+                    let bootstrap_phase = matches!(
+                        after.phase,
+                        Phase::Switching { hold: None, .. } | Phase::Rebooting { hold: None, .. }
+                    );
+                    assert!(
+                        held || bootstrap || bootstrap_phase,
+                        "disrupts without the lease: {what}"
+                    );
+                    assert_ne!(
+                        after.phase.name(),
+                        "idle",
+                        "disrupts with nothing on disk to resume from: {what}"
+                    );
+                }
+                if let Action::Finish { .. } = step.action {
+                    if step.state.is_some() {
+                        let last = after.last.as_ref().expect("a result");
+                        assert!(!last.message.is_empty(), "{what}");
+                    }
+                }
+                // A lease given up on disk is given up in the API first (or was lost).
+                if state.phase.hold().is_some()
+                    && after.phase.hold().is_none()
+                    && !matches!(after.phase, Phase::Built { .. } | Phase::Idle)
+                {
+                    panic!("the hold vanished into {}: {what}", after.phase.name());
+                }
+            }
+        }
+    }
+    assert_eq!(rows, phases().len() * observations().len() * 2);
+}
+
+fn state(phase: Phase) -> State {
+    State {
+        phase,
+        host: Some("node-1".into()),
+        applied: Some("beef".into()),
+        applied_system: Some(OLD.into()),
+        ..State::default()
+    }
+}
+
+fn obs(f: impl FnOnce(&mut Observation)) -> Observation {
+    let mut o = Observation::pass(
+        t0() + Duration::from_secs(10),
+        Duration::from_secs(60),
+        false,
+    );
+    o.pass_started = Some(t0());
+    o.settings = Some(Ok(settings()));
+    f(&mut o);
+    o
+}
+
+fn machine(boot: &str, current: &str) -> Machine {
+    Machine {
+        boot_id: boot.into(),
+        current: Some(current.into()),
+        previous_saved: true,
+    }
+}
+
+/// The bug: the phase written before the rollback switch had no direction, so a restart
+/// verified the old system as the new commit, recorded the bad commit as applied, released
+/// the lease and halted nothing.
+#[test]
+fn a_kill_right_after_switch_rollback_does_not_forget_the_rollback() {
+    let s = state(Phase::Switching {
+        commit: C.into(),
+        system: OLD.into(),
+        reboot: false,
+        hold: Some(hold()),
+        rollback: Some("k3s.service is not active".into()),
+    });
+    let step = next_action(&s, &obs(|o| o.machine = Some(machine("boot-1", OLD))));
+    match step.state.map(|s| s.phase) {
+        Some(Phase::Verifying {
+            rollback: true,
+            reason: Some(r),
+            system,
+            ..
+        }) => {
+            assert_eq!(r, "k3s.service is not active");
+            assert_eq!(system, OLD);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Neither generation runs: frozen, never a second `--rollback`.
+    let step = next_action(
+        &s,
+        &obs(|o| o.machine = Some(machine("boot-1", "/nix/store/x"))),
+    );
+    assert!(matches!(
+        step.state.map(|s| s.phase),
+        Some(Phase::Frozen { .. })
+    ));
+}
+
+/// The bug: the deadline was looked at only between probes.
+#[test]
+fn health_timeout_is_a_bound_not_a_hope() {
+    let deadline = t0() + Duration::from_secs(3);
+    let s = state(Phase::Verifying {
+        commit: C.into(),
+        system: NEW.into(),
+        hold: hold(),
+        deadline: at(deadline),
+        rollback: false,
+        reason: None,
+        since: Some(at(t0())),
+    });
+    // The probe is given the deadline, so no probe runs past it.
+    let step = next_action(&s, &obs(|o| o.renewing = true));
+    assert_eq!(
+        step.action,
+        Action::CheckHealth {
+            ready_before: hold().ready_before,
+            since: t0(),
+            deadline
+        }
+    );
+    // A probe that came back after the deadline, failing, is the end: roll back.
+    let step = next_action(
+        &s,
+        &obs(|o| {
+            o.renewing = true;
+            o.now = Some(t0() + Duration::from_secs(15));
+            o.health = Some(Err("check `slow` timed out after 3s".into()));
+        }),
+    );
+    assert_eq!(step.action, Action::Rollback);
+    assert!(matches!(
+        step.state.map(|s| s.phase),
+        Some(Phase::Switching {
+            rollback: Some(_),
+            ..
+        })
+    ));
+}
+
+/// Found writing the decision down: a `nixos-rebuild boot` that failed under the lease
+/// marked the commit rejected and left the node cordoned, holding the lease, for good.
+#[test]
+fn a_failed_boot_under_the_lease_gives_back_the_node_and_the_lease() {
+    let s = state(Phase::Switching {
+        commit: C.into(),
+        system: NEW.into(),
+        reboot: true,
+        hold: Some(hold()),
+        rollback: None,
+    });
+    let o = obs(|o| {
+        o.resumed = false;
+        o.switched = Some(Err(failed(Failure::Exited)));
+    });
+    let step = next_action(&s, &o);
+    assert_eq!(
+        step.action,
+        Action::Cluster(vec![
+            Op::Uncordon {
+                was_unschedulable: false
+            },
+            Op::Release("nk3-rollout".into())
+        ])
+    );
+    let step = next_action(
+        &s,
+        &Observation {
+            cluster_done: true,
+            ..o
+        },
+    );
+    let after = step.state.expect("state");
+    assert_eq!(after.phase, Phase::Idle);
+    assert_eq!(after.rejected.map(|r| r.commit).as_deref(), Some(C));
+}
+
+/// The rows a newcomer reads first: what each phase does when the pass has seen what it
+/// needs.
+#[test]
+fn the_transitions_of_design_section_6() {
+    let fwd = Phase::Verifying {
+        commit: C.into(),
+        system: NEW.into(),
+        hold: hold(),
+        deadline: at(t0() + Duration::from_secs(300)),
+        rollback: false,
+        reason: None,
+        since: Some(at(t0())),
+    };
+    type Row = (
+        &'static str,
+        Phase,
+        fn(&mut Observation),
+        &'static str,
+        &'static str,
+    );
+    let rows: Vec<Row> = vec![
+        (
+            "idle asks for the plan",
+            Phase::Idle,
+            |_| {},
+            "LookPlan",
+            "idle",
+        ),
+        (
+            "an interrupted build is undone first",
+            Phase::Building {
+                commit: C.into(),
+                had_previous: true,
+                upgrade: false,
+            },
+            |_| {},
+            "Restore",
+            "building",
+        ),
+        (
+            "a resumed drain goes through the steps again",
+            Phase::Draining {
+                commit: C.into(),
+                system: NEW.into(),
+                hold: hold(),
+            },
+            |_| {},
+            "Continue",
+            "built",
+        ),
+        (
+            "a reboot not yet happened is asked again",
+            Phase::Rebooting {
+                commit: C.into(),
+                system: NEW.into(),
+                boot_id: "boot-1".into(),
+                hold: Some(hold()),
+                rollback: false,
+            },
+            |o| o.machine = Some(machine("boot-1", OLD)),
+            "Reboot",
+            "rebooting",
+        ),
+        (
+            "back from the reboot, health is checked",
+            Phase::Rebooting {
+                commit: C.into(),
+                system: NEW.into(),
+                boot_id: "boot-1".into(),
+                hold: Some(hold()),
+                rollback: false,
+            },
+            |o| o.machine = Some(machine("boot-2", NEW)),
+            "Continue",
+            "verifying",
+        ),
+        (
+            "healthy: uncordon, lift an older halt, release",
+            fwd.clone(),
+            |o| {
+                o.renewing = true;
+                o.health = Some(Ok(()));
+            },
+            "Cluster",
+            "verifying",
+        ),
+        (
+            "unhealthy with time left: look again",
+            fwd.clone(),
+            |o| {
+                o.renewing = true;
+                o.health = Some(Err("not ready".into()));
+            },
+            "Sleep",
+            "verifying",
+        ),
+        (
+            "a frozen node renews its lease",
+            Phase::Frozen {
+                commit: C.into(),
+                hold: hold(),
+                reason: "frozen".into(),
+            },
+            |_| {},
+            "Renew",
+            "frozen",
+        ),
+        (
+            "a frozen node stays frozen on the same commit",
+            Phase::Frozen {
+                commit: C.into(),
+                hold: hold(),
+                reason: "frozen".into(),
+            },
+            |o| {
+                o.renewed = true;
+                o.plan = Some(apply_plan());
+            },
+            "Finish",
+            "frozen",
+        ),
+    ];
+    for (name, phase, f, action, after) in rows {
+        let s = state(phase);
+        let step = next_action(&s, &obs(f));
+        let got = format!("{:?}", step.action);
+        assert!(got.starts_with(action), "{name}: {got}");
+        let phase = step.state.as_deref().unwrap_or(&s).phase.name();
+        assert_eq!(phase, after, "{name}: {step:?}");
+    }
+}
