@@ -267,6 +267,22 @@ impl Agent {
                     p.obs.halt_held = Some(h);
                 }
             }
+            Action::LookHeadHeld => {
+                self.repo(p)?;
+                let repo = p.repo.take().expect("opened");
+                let head = self.fetch(&repo);
+                p.repo = Some(repo);
+                p.obs.head_held = head?;
+                if p.obs.head_held.is_none() {
+                    anyhow::bail!("no commit fetched");
+                }
+            }
+            Action::Replan => {
+                let now = self.clock().now();
+                p.obs = Observation::pass(now, self.settings().poll_interval, self.report_idle);
+                p.target = None;
+                p.renewer = None;
+            }
             Action::LookBlocker => {
                 let c = self.need_cluster(p)?;
                 p.obs.blocker = Some(c.drain_blocker()?);
@@ -295,6 +311,8 @@ impl Agent {
                     }
                 };
                 p.obs.claim = Some(claim);
+                // What was given back before is taken again.
+                p.obs.cluster_done = None;
             }
             Action::WaitForLease {
                 lease,
@@ -398,10 +416,10 @@ impl Agent {
                 p.obs.drained = Some(c.drain(timeout, &|| ()));
             }
             Action::Cluster(ops) => {
-                for op in ops {
+                for op in ops.clone() {
                     self.op(p, op)?;
                 }
-                p.obs.cluster_done = true;
+                p.obs.cluster_done = Some(ops);
             }
             Action::Switch => o.switched = Some(self.nixos().switch().map_err(|e| failed(&e))),
             Action::Boot => o.switched = Some(self.nixos().boot().map_err(|e| failed(&e))),

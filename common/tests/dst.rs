@@ -8,7 +8,7 @@
 //! the middle of a rollout. The safety invariants of DESIGN section 8 are checked after
 //! every step; a failure names its seed, and `NK3_DST_SEED=<seed>` replays exactly it.
 //!
-//! `NK3_DST_SEEDS` sets how many simulated rollouts run (the test command runs 100,000).
+//! `NK3_DST_SEEDS` sets how many simulated rollouts run (100,000 unless set).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -492,9 +492,15 @@ impl World {
                 }
             }
         }
+        let ended = matches!(step.action, Action::Finish { .. } | Action::Reboot);
         if let Err(PassError) = self.act(i, step.action) {
             self.log.push(format!("{name}: API error, pass ends"));
             let wake = self.now + Duration::from_secs(1 + self.rng.below(10));
+            self.end_pass(i, wake);
+        } else if !ended && self.rng.one_in(self.crash) {
+            // A crash right after the action, before what it found is written down.
+            self.log.push(format!("{name}: crashed after the action"));
+            let wake = self.now + Duration::from_secs(1 + self.rng.below(30));
             self.end_pass(i, wake);
         }
         self.check(seed);
@@ -545,6 +551,15 @@ impl World {
                 let h = self.api(|w| w.halt.clone())?;
                 obs!().halt_held = Some(h);
             }
+            Action::LookHeadHeld => {
+                let head = self.commits[self.head].id.clone();
+                obs!().head_held = Some(head);
+            }
+            Action::Replan => {
+                let t = local(self, &self.nodes[i]);
+                self.nodes[i].obs = Some(Observation::pass(t, Duration::from_secs(60), false));
+                self.nodes[i].renewing = None;
+            }
             Action::LookBlocker => {
                 let blocked = self.rng.one_in(50);
                 let b = blocked.then(|| Blocker {
@@ -557,7 +572,10 @@ impl World {
             }
             Action::Acquire => {
                 let c = self.acquire(i)?;
-                obs!().claim = Some(c);
+                let o = obs!();
+                o.claim = Some(c);
+                // What was given back before is taken again.
+                o.cluster_done = None;
             }
             Action::WaitForLease { wait, .. } => {
                 let t = local(self, &self.nodes[i]);
@@ -674,10 +692,10 @@ impl World {
                 obs!().drained = Some(r);
             }
             Action::Cluster(ops) => {
-                for op in ops {
+                for op in ops.clone() {
                     self.op(i, op)?;
                 }
-                obs!().cluster_done = true;
+                obs!().cluster_done = Some(ops);
             }
             Action::Switch => {
                 let commit = self.nodes[i].state.phase.commit().unwrap_or("").to_string();
@@ -980,18 +998,35 @@ fn the_rollout_protocol_holds_under_faults() {
     let count: u64 = std::env::var("NK3_DST_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2_000);
+        .unwrap_or(100_000);
     let seeds: Vec<u64> = match one {
         Some(s) => vec![s],
         None => (0..count).collect(),
     };
     let started = std::time::Instant::now();
-    let mut steps = 0u64;
-    for &seed in &seeds {
-        let mut w = World::new(seed);
-        w.run(seed);
-        steps += w.steps;
-    }
+    // The seeds are independent: spread over the machine's cores.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let steps: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = seeds
+            .chunks(seeds.len().div_ceil(threads).max(1))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|&seed| {
+                            let mut w = World::new(seed);
+                            w.run(seed);
+                            w.steps
+                        })
+                        .sum::<u64>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .sum()
+    });
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "deterministic simulation: {} rollouts, {steps} agent steps in {secs:.1} s ({:.0} rollouts/s)",

@@ -165,7 +165,11 @@ impl Decide<'_> {
 
     /// The state with the pass's result recorded.
     fn ended(&self, mut st: State, outcome: Outcome, commit: Option<&str>, msg: &str) -> State {
-        if self.o.cluster_done && st.phase.hold().is_none() {
+        let gave_back = self.o.cluster_done.as_ref().is_some_and(|ops| {
+            ops.iter()
+                .any(|op| matches!(op, Op::Release(_) | Op::LetGo { .. } | Op::Uncordon { .. }))
+        });
+        if gave_back && st.phase.hold().is_none() {
             // Whatever was claimed is given back (or was lost).
             st.lease_claimed = false;
         }
@@ -238,16 +242,16 @@ impl Decide<'_> {
         };
         if self.s.lease_claimed && self.s.phase.hold().is_none() {
             // An interrupted pass may have taken a lease slot: give it back first.
-            if !self.o.cluster_done {
-                let max = match plan {
-                    Plan::Apply { settings, .. } | Plan::UpToDate { settings, .. } => {
-                        settings.max_unavailable
-                    }
-                    _ => self.s.lease_slots.unwrap_or(1),
-                };
-                return Step::to(Action::Cluster(vec![Op::LetGo {
-                    max_unavailable: max,
-                }]));
+            let max = match plan {
+                Plan::Apply { settings, .. } | Plan::UpToDate { settings, .. } => {
+                    settings.max_unavailable
+                }
+                _ => self.s.lease_slots.unwrap_or(1),
+            };
+            if let Some(step) = self.unless_done(vec![Op::LetGo {
+                max_unavailable: max,
+            }]) {
+                return step;
             }
             let mut st = self.s.clone();
             st.lease_claimed = false;
@@ -491,10 +495,10 @@ impl Decide<'_> {
             Err(f) => return self.reject(commit, machine.previous_saved, &f.message),
         }
         if machine.current.as_deref() == Some(system) {
-            if !self.o.cluster_done {
-                return Step::to(Action::Cluster(vec![Op::LetGo {
-                    max_unavailable: settings.max_unavailable,
-                }]));
+            if let Some(step) = self.unless_done(vec![Op::LetGo {
+                max_unavailable: settings.max_unavailable,
+            }]) {
+                return step;
             }
             if !self.o.recorded {
                 return Step::to(Action::RecordApplied);
@@ -652,6 +656,24 @@ impl Decide<'_> {
         if let Some(h) = halt.as_ref().filter(|h| h.commit == commit) {
             return self.halted(commit, settings, &h.node, &h.reason);
         }
+        // The commit is still the one to apply: while this node waited for the lease, a
+        // newer one may have come, made it through on another node and lifted the halt of
+        // this one.
+        let Some(head) = &o.head_held else {
+            return Step::to(Action::LookHeadHeld);
+        };
+        if head != commit {
+            if let Some(step) = self.let_go(settings) {
+                return step;
+            }
+            return Step::to(Action::Replan).say(
+                Level::Info,
+                format!(
+                    "commit {c} is no longer the head of the branch ({} is): starting over with it",
+                    short(Some(head))
+                ),
+            );
+        }
         let ready = match &o.gate {
             None => return Step::to(Action::LookGate),
             Some(Err(why)) => {
@@ -700,11 +722,14 @@ impl Decide<'_> {
     /// interrupted pass may have left in the API (a lease slot taken, its own cordon) is
     /// given back, so nobody waits for a node that is not rolling out.
     fn let_go(&self, settings: &Settings) -> Option<Step> {
-        (!self.o.cluster_done).then(|| {
-            Step::to(Action::Cluster(vec![Op::LetGo {
-                max_unavailable: settings.max_unavailable,
-            }]))
-        })
+        self.unless_done(vec![Op::LetGo {
+            max_unavailable: settings.max_unavailable,
+        }])
+    }
+
+    /// The step that makes these cluster changes, unless this phase made exactly them.
+    fn unless_done(&self, ops: Vec<Op>) -> Option<Step> {
+        (self.o.cluster_done.as_ref() != Some(&ops)).then(|| Step::to(Action::Cluster(ops)))
     }
 
     /// A commit another node found unhealthy: never applied here.
@@ -770,14 +795,13 @@ impl Decide<'_> {
         match &o.drained {
             None => return Step::to(Action::Drain(settings.drain_timeout)),
             Some(Err(why)) => {
-                if !o.cluster_done {
-                    return Step::to(Action::Cluster(vec![
-                        Op::Uncordon {
-                            was_unschedulable: was,
-                        },
-                        Op::Release(hold.lease.clone()),
-                    ]))
-                    .annotate(None, "idle");
+                if let Some(step) = self.unless_done(vec![
+                    Op::Uncordon {
+                        was_unschedulable: was,
+                    },
+                    Op::Release(hold.lease.clone()),
+                ]) {
+                    return step.annotate(None, "idle");
                 }
                 return Step::to(finish(Outcome::Waiting))
                     .save(self.ended(back(), Outcome::Waiting, Some(commit), why))
@@ -795,11 +819,10 @@ impl Decide<'_> {
         // The lease lost while the node was being drained: whoever holds it now may be
         // disrupting itself; this node does not switch.
         if let Some(why) = &o.lease_lost {
-            if !o.cluster_done {
-                return Step::to(Action::Cluster(vec![Op::Uncordon {
-                    was_unschedulable: was,
-                }]))
-                .annotate(None, "idle");
+            if let Some(step) = self.unless_done(vec![Op::Uncordon {
+                was_unschedulable: was,
+            }]) {
+                return step.annotate(None, "idle");
             }
             let msg = format!("lost the rollout lease before switching ({why}); uncordoned {host} without switching, will try again");
             return Step::to(finish(Outcome::Waiting))
@@ -937,14 +960,13 @@ impl Decide<'_> {
     /// node is uncordoned and the lease given back first.
     fn switch_failed(&self, commit: &str, hold: Option<&Hold>, f: &Failed) -> Step {
         if let Some(h) = hold {
-            if !self.o.cluster_done {
-                return Step::to(Action::Cluster(vec![
-                    Op::Uncordon {
-                        was_unschedulable: h.was_unschedulable,
-                    },
-                    Op::Release(h.lease.clone()),
-                ]))
-                .annotate(None, "idle");
+            if let Some(step) = self.unless_done(vec![
+                Op::Uncordon {
+                    was_unschedulable: h.was_unschedulable,
+                },
+                Op::Release(h.lease.clone()),
+            ]) {
+                return step.annotate(None, "idle");
             }
         }
         let c = short(Some(commit));
@@ -1203,12 +1225,12 @@ impl Decide<'_> {
         };
         match (healthy, rollback) {
             (Ok(()), None) => {
-                if !o.cluster_done {
-                    return Step::to(Action::Cluster(vec![
+                if let Some(step) = self.unless_done(vec![
                         uncordon,
                         Op::LiftHaltUnless(commit.to_string()),
                         Op::Release(hold.lease.clone()),
-                    ]))
+                    ]) {
+                    return step
                     .annotate(Some(commit), "idle");
                 }
                 if !o.recorded {
@@ -1248,33 +1270,55 @@ impl Decide<'_> {
                     Ok(m) => m,
                     Err(step) => return step,
                 };
-                if !o.cluster_done {
-                    return Step::to(Action::Cluster(vec![
+                // Halted only while it is the branch's head: an older commit is applied by
+                // nobody anyway, and its halt must not replace the halt of a newer one.
+                let Some(head) = &o.head_held else {
+                    return Step::to(Action::LookHeadHeld);
+                };
+                let halt = head == commit;
+                let mut ops = vec![uncordon, Op::Release(hold.lease.clone())];
+                if halt {
+                    ops.insert(
+                        0,
                         Op::SetHalt {
                             commit: commit.to_string(),
-                            reason: why,
+                            reason: why.clone(),
                         },
-                        uncordon,
-                        Op::Release(hold.lease.clone()),
-                    ]))
-                    .annotate(self.s.applied.as_deref(), "idle");
+                    );
+                }
+                if let Some(step) = self.unless_done(ops) {
+                    return step.annotate(self.s.applied.as_deref(), "idle");
                 }
                 if !o.restored {
                     return Step::to(Action::Restore {
                         had_previous: machine.previous_saved,
                     });
                 }
-                let mut st = self.rejected(commit, &format!("halted: {why}"));
-                st.applied_system = machine.current.clone();
-                st.last_rollout_seconds = held_for;
-                let msg = format!("commit {c} halted: {why}");
-                Step::to(finish(Outcome::RolledBack))
-                    .save(self.ended(st, Outcome::RolledBack, Some(commit), &msg))
-                    .say(
-                        Level::Error,
+                let (record, msg, say) = if halt {
+                    (
+                        format!("halted: {why}"),
+                        format!("commit {c} halted: {why}"),
                         format!("commit {c} halted for the whole cluster: {why}"),
                     )
-                    .event("Halted", format!("commit {c} is halted: {why}"), true)
+                } else {
+                    let newer = short(Some(head));
+                    (
+                        format!("rolled back: {why}"),
+                        format!("commit {c} rolled back: {why}; not halted, the branch has moved on to {newer}"),
+                        format!("commit {c} rolled back on {host}: {why}; not halted, the branch has moved on to {newer}"),
+                    )
+                };
+                let mut st = self.rejected(commit, &record);
+                st.applied_system = machine.current.clone();
+                st.last_rollout_seconds = held_for;
+                let step = Step::to(finish(Outcome::RolledBack))
+                    .save(self.ended(st, Outcome::RolledBack, Some(commit), &msg))
+                    .say(Level::Error, say);
+                if halt {
+                    step.event("Halted", format!("commit {c} is halted: {why}"), true)
+                } else {
+                    step
+                }
             }
             (Err(why), Some(reason)) => self.freeze(
                 commit,

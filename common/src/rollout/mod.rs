@@ -232,6 +232,8 @@ pub struct Observation {
     pub claim: Option<Claim>,
     /// When this pass began to wait for the lease (it waits one poll interval at most).
     pub waiting_since: Option<SystemTime>,
+    /// The branch's head looked at again with the lease held.
+    pub head_held: Option<String>,
     /// The gate: the inventory's nodes Ready now, or why not to disrupt.
     pub gate: Option<Result<Vec<String>, String>>,
     /// The node was cordoned; whether it was unschedulable before.
@@ -248,8 +250,9 @@ pub struct Observation {
     pub rebooted: Option<Result<(), Failed>>,
     /// One health check.
     pub health: Option<Result<(), String>>,
-    /// The cluster changes of this phase were made.
-    pub cluster_done: bool,
+    /// The cluster changes made in this phase since the lease was last asked for (the
+    /// decision asks for them again if it needs others).
+    pub cluster_done: Option<Vec<Op>>,
     /// The running configuration.nix was recorded as applied.
     pub recorded: bool,
 }
@@ -381,6 +384,10 @@ pub enum Action {
     LookHalt,
     /// Reads it again with the lease held.
     LookHaltHeld,
+    /// Fetches the branch's head again, with the lease held.
+    LookHeadHeld,
+    /// Starts the pass over: what it saw is forgotten (the head moved on).
+    Replan,
     /// Looks for a PodDisruptionBudget that stops the drain.
     LookBlocker,
     /// Checks the cluster's health: every other node Ready, none cordoned by nk3.

@@ -274,6 +274,7 @@ fn observations() -> Vec<(&'static str, Observation)> {
         o.blocker = Some(None);
         o.claim = Some(Claim::Held("nk3-rollout".into()));
         o.halt_held = Some(None);
+        o.head_held = Some(C.into());
         o.gate = Some(Err("node node-2 is NotReady".into()));
     });
     add("lease held, gate open", &|o| {
@@ -282,6 +283,7 @@ fn observations() -> Vec<(&'static str, Observation)> {
         o.blocker = Some(None);
         o.claim = Some(Claim::Held("nk3-rollout".into()));
         o.halt_held = Some(None);
+        o.head_held = Some(C.into());
         o.gate = Some(Ok(vec!["node-2".into()]));
         o.renewing = true;
     });
@@ -539,7 +541,12 @@ fn a_failed_boot_under_the_lease_gives_back_the_node_and_the_lease() {
     let step = next_action(
         &s,
         &Observation {
-            cluster_done: true,
+            cluster_done: Some(vec![
+                Op::Uncordon {
+                    was_unschedulable: false,
+                },
+                Op::Release("nk3-rollout".into()),
+            ]),
             ..o
         },
     );
@@ -678,4 +685,127 @@ fn the_transitions_of_design_section_6() {
         let phase = step.state.as_deref().unwrap_or(&s).phase.name();
         assert_eq!(phase, after, "{name}: {step:?}");
     }
+}
+
+/// The lease as the pass that got it left it: held, the gate and head looked at.
+fn held(f: impl FnOnce(&mut Observation)) -> Observation {
+    obs(|o| {
+        o.resumed = false;
+        o.plan = Some(apply_plan());
+        o.built = Some(Ok(Built {
+            system: NEW.into(),
+            has_agent: true,
+        }));
+        o.machine = Some(machine("boot-1", OLD));
+        o.coordination = Some(Coordination::Lease);
+        o.halt = Some(None);
+        o.blocker = Some(None);
+        o.claim = Some(Claim::Held("nk3-rollout".into()));
+        o.halt_held = Some(None);
+        o.head_held = Some(C.into());
+        f(o);
+    })
+}
+
+fn built() -> State {
+    state(Phase::Built {
+        commit: C.into(),
+        system: NEW.into(),
+    })
+}
+
+/// Found by the simulation: a pass that took the lease and then failed (an API error)
+/// left the slot held with nothing on disk saying so; the node then went idle on another
+/// commit and the others waited out the whole lease duration.
+#[test]
+fn an_interrupted_pass_that_took_the_lease_gives_it_back() {
+    let mut s = built();
+    let step = next_action(&s, &held(|o| o.claim = None));
+    assert_eq!(step.action, Action::Acquire);
+    assert!(
+        step.state
+            .expect("the claim is written first")
+            .lease_claimed
+    );
+    s.phase = Phase::Idle;
+    s.lease_claimed = true;
+    let step = next_action(
+        &s,
+        &obs(|o| {
+            o.plan = Some(Plan::UpToDate {
+                commit: C.into(),
+                settings: settings(),
+            })
+        }),
+    );
+    assert_eq!(
+        step.action,
+        Action::Cluster(vec![Op::LetGo { max_unavailable: 1 }])
+    );
+}
+
+/// Found by the simulation: a node waited for the lease with the plan of an older commit;
+/// meanwhile a newer one made it through on another node, which lifted the older one's
+/// halt, and the waiting node applied the halted commit.
+#[test]
+fn a_stale_plan_is_not_applied_after_a_newer_commit_lifted_its_halt() {
+    let step = next_action(&built(), &held(|o| o.head_held = Some("d00d".into())));
+    assert_eq!(
+        step.action,
+        Action::Cluster(vec![Op::LetGo { max_unavailable: 1 }])
+    );
+    let step = next_action(
+        &built(),
+        &held(|o| {
+            o.head_held = Some("d00d".into());
+            o.cluster_done = Some(vec![Op::LetGo { max_unavailable: 1 }]);
+        }),
+    );
+    assert_eq!(step.action, Action::Replan);
+}
+
+/// Found by the simulation: a node that rolled back an older commit halted it, replacing
+/// the halt of the head commit another node had just set, and a third node applied the
+/// unhealthy head.
+#[test]
+fn rolling_back_an_older_commit_does_not_replace_the_halt_of_the_head() {
+    let s = state(Phase::Verifying {
+        commit: C.into(),
+        system: OLD.into(),
+        hold: hold(),
+        deadline: at(t0() + Duration::from_secs(300)),
+        rollback: true,
+        reason: Some("k3s.service is not active".into()),
+        since: Some(at(t0())),
+    });
+    let o = |head: &str| {
+        let head = head.to_string();
+        obs(move |o| {
+            o.renewing = true;
+            o.health = Some(Ok(()));
+            o.machine = Some(machine("boot-1", OLD));
+            o.head_held = Some(head);
+        })
+    };
+    let halts = |a: &Action| matches!(a, Action::Cluster(ops) if ops.iter().any(|op| matches!(op, Op::SetHalt { .. })));
+    assert!(halts(&next_action(&s, &o(C)).action));
+    let step = next_action(&s, &o("d00d"));
+    assert!(
+        matches!(&step.action, Action::Cluster(_)) && !halts(&step.action),
+        "{step:?}"
+    );
+}
+
+/// Found by the simulation: a node whose gate was closed gave the lease back but stayed
+/// cordoned from a drain an earlier pass did not finish.
+#[test]
+fn a_closed_gate_uncordons_what_an_interrupted_drain_left() {
+    let step = next_action(
+        &built(),
+        &held(|o| o.gate = Some(Err("node node-2 is NotReady".into()))),
+    );
+    assert_eq!(
+        step.action,
+        Action::Cluster(vec![Op::LetGo { max_unavailable: 1 }])
+    );
 }
