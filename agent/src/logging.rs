@@ -49,19 +49,31 @@ where
             Level::INFO => 6,
             Level::DEBUG | Level::TRACE => 7,
         };
-        write!(writer, "<{priority}>")?;
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        let mut text = String::new();
+        ctx.field_format()
+            .format_fields(Writer::new(&mut text), event)?;
         // The node and commit come from the step's span.
+        let mut fields = String::new();
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 let ext = span.extensions();
-                if let Some(fields) = ext.get::<FormattedFields<N>>() {
-                    if !fields.is_empty() {
-                        write!(writer, " {fields}")?;
+                if let Some(f) = ext.get::<FormattedFields<N>>() {
+                    if !f.is_empty() {
+                        fields.push(' ');
+                        fields.push_str(f);
                     }
                 }
             }
         }
-        writeln!(writer)
+        // journald reads a stream line by line: each line of a message that has several (a
+        // diff) carries the priority, the first the fields.
+        for (i, line) in text.lines().enumerate() {
+            write!(writer, "<{priority}>{line}")?;
+            if i == 0 {
+                write!(writer, "{fields}")?;
+            }
+            writeln!(writer)?;
+        }
+        Ok(())
     }
 }

@@ -37,7 +37,7 @@ struct Pass {
     seeded: bool,
 }
 
-/// A command's failure as the decision sees it.
+/// A command's failure as the decision sees it: how, and what the command was and said.
 fn failed(e: &crate::command::CommandFailed) -> Failed {
     use crate::command::Failure as F;
     Failed {
@@ -46,12 +46,18 @@ fn failed(e: &crate::command::CommandFailed) -> Failed {
             F::Exited => rollout::Failure::Exited,
             F::TimedOut => rollout::Failure::TimedOut,
         },
-        message: match e.failure {
-            // Nix's own words are what a person needs.
-            F::Exited if !e.tail.is_empty() => e.tail.clone(),
-            _ => e.to_string(),
-        },
+        message: e.to_string(),
     }
+}
+
+/// A build's failure: when Nix refused the configuration, Nix's own `error:` lines are what
+/// a person needs (they become the rejection on record).
+fn build_failed(e: &crate::command::CommandFailed) -> Failed {
+    let mut f = failed(e);
+    if e.failure == crate::command::Failure::Exited && !e.tail.is_empty() {
+        f.message = e.tail.clone();
+    }
+    f
 }
 
 /// The rollout settings of a node of `inv`.
@@ -141,6 +147,27 @@ impl Agent {
                 Level::Error => error!("{}", l.message),
             }
         }
+        // What the Node says is told after the cluster changes it describes are made (an
+        // API error between must not leave "idle" on a node still cordoned), before others
+        // (the process does not outlive a reboot).
+        let after = matches!(action, Action::Cluster(_));
+        if !after {
+            self.tell(p, event.as_ref(), annotate.as_ref())?;
+        }
+        let ended = self.act(p, action)?;
+        if after {
+            self.tell(p, event.as_ref(), annotate.as_ref())?;
+        }
+        Ok(ended)
+    }
+
+    /// Posts an Event and the annotations on this node's Node, best effort.
+    fn tell(
+        &self,
+        p: &mut Pass,
+        event: Option<&rollout::Event>,
+        annotate: Option<&rollout::Annotate>,
+    ) -> anyhow::Result<()> {
         if event.is_some() || annotate.is_some() {
             if let Some(c) = self.pass_cluster(p)? {
                 if let Some(a) = annotate {
@@ -151,7 +178,7 @@ impl Agent {
                 }
             }
         }
-        self.act(p, action)
+        Ok(())
     }
 
     /// The cluster for this pass, connected the first time it is needed.
@@ -272,10 +299,15 @@ impl Agent {
                 let repo = p.repo.take().expect("opened");
                 let head = self.fetch(&repo);
                 p.repo = Some(repo);
-                p.obs.head_held = head?;
-                if p.obs.head_held.is_none() {
-                    anyhow::bail!("no commit fetched");
+                let head = head?;
+                // A fetch that failed gives the last commit taken, which is no fact about the
+                // head now: the pass stops (the lease is given back by the next one).
+                if let Some(problem) = &self.state.source_problem {
+                    anyhow::bail!(
+                        "cannot look at the branch's head with the lease held: {problem}"
+                    );
                 }
+                p.obs.head_held = Some(head.ok_or_else(|| anyhow!("no commit fetched"))?);
             }
             Action::Replan => {
                 let now = self.clock().now();
@@ -354,20 +386,35 @@ impl Agent {
                 }
                 p.obs.renewed = true;
             }
-            Action::KeepRenewed(lease) => {
+            Action::KeepRenewed { lease, fresh } => {
                 let c = self.need_cluster(p)?;
-                let duration = match &p.target {
-                    Some(t) if Some(t.commit.as_str()) == self.state.phase.commit() => {
-                        t.rollout.lease_duration
-                    }
-                    _ => self.rollout_of(p)?.rollout.lease_duration,
-                };
-                if matches!(self.state.phase, crate::state::Phase::Built { .. }) {
-                    // Taken afresh: a loss seen by an earlier hold is forgotten.
+                let duration = self.lease_duration(p)?;
+                if fresh {
                     crate::cluster::lease_taken();
                 }
                 p.renewer = Some(c.keep_renewed(&lease, duration));
                 p.obs.renewing = true;
+            }
+            Action::ConfirmLease(lease) => {
+                let c = self.need_cluster(p)?;
+                let duration = self.lease_duration(p)?;
+                let lost = match c.renew(&lease, duration) {
+                    Ok(()) => None,
+                    Err(crate::kube::KubeError::Status {
+                        reason, message, ..
+                    }) if reason == "LeaseLost" => Some(message),
+                    Err(e) => return Err(e.into()),
+                };
+                let halt = c.halt()?.map(|h| Halt {
+                    commit: h.commit,
+                    reason: h.reason,
+                    node: h.node,
+                });
+                p.obs.lease_confirmed = Some(rollout::Confirmed {
+                    at: self.clock().now(),
+                    lost,
+                    halt,
+                });
             }
             Action::WriteToken => {
                 let t = p.target.as_ref().ok_or_else(|| anyhow!("no plan"))?;
@@ -395,7 +442,7 @@ impl Agent {
                     has_agent: self.nixos().has_agent(&system),
                     system,
                 });
-                o.built = Some(built.map_err(|e| failed(&e)));
+                o.built = Some(built.map_err(|e| build_failed(&e)));
             }
             Action::Inspect(system) => {
                 o.built = Some(Ok(Built {
@@ -474,16 +521,37 @@ impl Agent {
                 self.need_cluster(p)?.uncordon(was_unschedulable)?;
             }
             Op::Release(lease) => self.need_cluster(p)?.release(&lease)?,
-            Op::SetHalt { commit, reason } => self.need_cluster(p)?.set_halt(&commit, &reason)?,
-            Op::LiftHaltUnless(commit) => {
+            Op::SetHalt { commit, reason } => {
                 let c = self.need_cluster(p)?;
-                if c.halt()?.is_some_and(|h| h.commit != commit) {
-                    // A newer commit made it through: the old halt no longer applies.
-                    c.lift_halt()?;
+                let newer_halted = match c.halt()? {
+                    Some(h) if h.commit != commit => self.descends(p, &h.commit, &commit)?,
+                    _ => false,
+                };
+                if !newer_halted {
+                    c.set_halt(&commit, &reason)?;
+                }
+            }
+            Op::LiftOlderHalt(commit) => {
+                let c = self.need_cluster(p)?;
+                if let Some(h) = c.halt()? {
+                    if h.commit != commit && self.descends(p, &commit, &h.commit)? {
+                        // A newer commit made it through: the old halt no longer applies.
+                        c.lift_halt()?;
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Whether commit `a` descends from commit `b` in the clone (a commit the clone does
+    /// not have is no descendant).
+    fn descends(&mut self, p: &mut Pass, a: &str, b: &str) -> anyhow::Result<bool> {
+        let repo = self.repo(p)?;
+        let (Ok(a), Ok(b)) = (git2::Oid::from_str(a), git2::Oid::from_str(b)) else {
+            return Ok(false);
+        };
+        Ok(repo.graph_descendant_of(a, b).unwrap_or(false))
     }
 
     /// Steps 1 to 3: the head commit and what it declares for this machine.
@@ -506,14 +574,23 @@ impl Agent {
             };
             return Ok((Plan::NoCommit(msg), None));
         };
-        Ok(match self.decide(repo, &commit)? {
+        let decision = self.decide(repo, &commit)?;
+        if let Decision::UpToDate(t) | Decision::Apply { target: t, .. } = &decision {
+            self.identified(t);
+        }
+        Ok(self.to_plan(&commit, decision))
+    }
+
+    /// What the decision sees of steps 2 and 3: the plan, and the node it is about.
+    pub(crate) fn to_plan(&self, commit: &str, decision: Decision) -> (Plan, Option<Target>) {
+        let commit = commit.to_string();
+        match decision {
             Decision::BadInventory { problems } => (Plan::BadInventory { commit, problems }, None),
             Decision::NotANode(why) => (Plan::NotANode { commit, why }, None),
             Decision::AlreadyRejected(rejected) => {
                 (Plan::AlreadyRejected { commit, rejected }, None)
             }
             Decision::UpToDate(t) => {
-                self.identified(&t);
                 let settings = t.settings();
                 (Plan::UpToDate { commit, settings }, Some(t))
             }
@@ -523,7 +600,6 @@ impl Agent {
                 why,
                 upgrade,
             } => {
-                self.identified(&target);
                 let config = self.settings().nixos_dir.join("configuration.nix");
                 let on_disk = std::fs::read_to_string(&config).ok();
                 let existing = std::fs::metadata(&config)
@@ -541,7 +617,7 @@ impl Agent {
                 };
                 (plan, Some(target))
             }
-        })
+        }
     }
 
     /// Keeps the configuration.nix on disk as the previous one, to put back.
@@ -562,6 +638,16 @@ impl Agent {
         state::write_atomic(&config, t.rendered.as_bytes(), 0o644)
     }
 
+    /// The lease duration of the phase's commit.
+    fn lease_duration(&mut self, p: &mut Pass) -> anyhow::Result<std::time::Duration> {
+        Ok(match &p.target {
+            Some(t) if Some(t.commit.as_str()) == self.state.phase.commit() => {
+                t.rollout.lease_duration
+            }
+            _ => self.rollout_of(p)?.rollout.lease_duration,
+        })
+    }
+
     fn clock(&self) -> &dyn Clock {
         &crate::effects::SYSTEM_CLOCK
     }
@@ -578,5 +664,199 @@ impl Target {
             drain_timeout: self.rollout.drain_timeout,
             health_timeout: self.rollout.health_timeout,
         }
+    }
+}
+
+/// What `plan` prints: the decision's answer, walked as far as it goes without changing
+/// anything — facts are looked at (read only), a build is supposed to give a system that
+/// differs, and the walk stops at the first step that would need the cluster or change
+/// the node.
+pub(crate) struct Preview {
+    /// `(key, value)` rows.
+    pub rows: Vec<(&'static str, String)>,
+    /// 0: the node would be left as it is; 2: a pass would change it; 1: cannot tell.
+    pub exit: std::process::ExitCode,
+}
+
+pub(crate) fn preview(
+    agent: &Agent,
+    repo: &Repository,
+    plan: Plan,
+    target: Option<&Target>,
+) -> Preview {
+    use std::process::ExitCode;
+    let mut st = agent.state.clone();
+    let now = crate::effects::SYSTEM_CLOCK.now();
+    let mut obs = Observation::pass(now, agent.settings().poll_interval, false);
+    let why = match &plan {
+        Plan::Apply { why, .. } => Some(why.clone()),
+        _ => None,
+    };
+    obs.plan = Some(plan);
+    let mut rows: Vec<(&'static str, String)> = Vec::new();
+    let mut changes = false;
+    let host = target.map(|t| t.host.clone()).unwrap_or_default();
+    for _ in 0..200 {
+        let step = next_action(&st, &obs);
+        if let Some(new) = step.state {
+            let entered = new.phase.name() != st.phase.name();
+            st = *new;
+            if entered {
+                obs.entered();
+            }
+        }
+        match step.action {
+            Action::Finish { outcome, .. } => {
+                let msg = st
+                    .last
+                    .as_ref()
+                    .map(|l| l.message.clone())
+                    .unwrap_or_default();
+                let exit = match outcome {
+                    Outcome::NoChange | Outcome::Rejected => ExitCode::SUCCESS,
+                    _ if changes => ExitCode::from(2),
+                    Outcome::Waiting | Outcome::Frozen => ExitCode::SUCCESS,
+                    _ => ExitCode::FAILURE,
+                };
+                if changes {
+                    rows.push(("switch", format!("wait: {msg}")));
+                } else {
+                    rows.push(("plan", msg));
+                }
+                return Preview { rows, exit };
+            }
+            Action::LookMachine => {
+                obs.machine = Some(Machine {
+                    boot_id: agent.nixos().boot_id().unwrap_or_default(),
+                    current: agent.nixos().current(),
+                    previous_saved: agent.previous_path().exists(),
+                });
+            }
+            Action::LookSettings => {
+                let r = st
+                    .phase
+                    .commit()
+                    .ok_or_else(|| anyhow!("no rollout under way"))
+                    .and_then(|c| agent.inventory_at(repo, c))
+                    .map(|inv| settings_of(&inv, st.host.as_deref().unwrap_or_default()));
+                obs.settings = Some(r.map_err(|e| format!("{e:#}")));
+            }
+            Action::LookCoordination => {
+                let Some(t) = target else { break };
+                let c = match agent.coordination(&t.host) {
+                    Ok(crate::coordination::Coordination::Lease(cluster)) => {
+                        match agent.access_refusal(t, &cluster) {
+                            Ok(None) => Coordination::Lease,
+                            Ok(Some(why)) => Coordination::NoCredentials(why),
+                            Err(e) => {
+                                rows.push((
+                                    "switch",
+                                    format!(
+                                        "under the rollout lease, once the k3s API answers ({e})"
+                                    ),
+                                ));
+                                return Preview {
+                                    rows,
+                                    exit: ExitCode::from(2),
+                                };
+                            }
+                        }
+                    }
+                    Ok(crate::coordination::Coordination::Bootstrap) => Coordination::Bootstrap,
+                    Ok(crate::coordination::Coordination::NoCredentials(why)) => {
+                        Coordination::NoCredentials(why)
+                    }
+                    Err(e) => Coordination::NoCredentials(format!("{e:#}")),
+                };
+                obs.coordination = Some(c);
+            }
+            Action::LookRebootReasons(system) => {
+                obs.reboot_reasons = Some(
+                    agent
+                        .nixos()
+                        .reboot_reasons(&system)
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect(),
+                );
+            }
+            // What a pass would do to the node, supposed done.
+            Action::WriteToken => obs.token_written = true,
+            Action::SetChannel(_) => obs.channel_set = Some(Ok(())),
+            Action::SavePrevious => obs.previous_saved = true,
+            Action::Land => obs.landed = true,
+            Action::Restore { .. } => obs.restored = true,
+            Action::Continue => {}
+            Action::Build { upgrade } => {
+                changes = true;
+                let build = if upgrade {
+                    "nixos-rebuild build --upgrade"
+                } else {
+                    "nixos-rebuild build"
+                };
+                rows.push((
+                    "plan",
+                    format!(
+                        "{}: write configuration.nix, {build}, then switch (or reboot) if the system differs",
+                        why.clone().unwrap_or_default()
+                    ),
+                ));
+                // Supposed to differ from what runs: a build is what would tell.
+                obs.built = Some(Ok(Built {
+                    system: "(the system the build gives)".into(),
+                    has_agent: true,
+                }));
+            }
+            Action::Inspect(system) => {
+                changes = true;
+                rows.push((
+                    "plan",
+                    format!(
+                        "{}: built before, waiting to switch to {system}",
+                        why.clone().unwrap_or_default()
+                    ),
+                ));
+                obs.built = Some(Ok(Built {
+                    has_agent: agent.nixos().has_agent(&system),
+                    system,
+                }));
+            }
+            Action::Cluster(ops) if ops.iter().all(|o| matches!(o, Op::LetGo { .. })) => {
+                obs.cluster_done = Some(ops);
+            }
+            Action::RecordApplied => obs.recorded = true,
+            Action::Switch | Action::Boot => {
+                rows.push((
+                    "switch",
+                    format!("directly, without the rollout lease: k3s has not joined a cluster on {host} yet (bootstrap)"),
+                ));
+                return Preview {
+                    rows,
+                    exit: ExitCode::from(2),
+                };
+            }
+            Action::LookHalt | Action::LookBlocker | Action::Acquire => {
+                rows.push((
+                    "switch",
+                    "under the rollout lease: gate, drain, switch, verify".to_string(),
+                ));
+                return Preview {
+                    rows,
+                    exit: ExitCode::from(2),
+                };
+            }
+            other => {
+                rows.push(("next", format!("{other:?} (phase {})", st.phase.name())));
+                return Preview {
+                    rows,
+                    exit: ExitCode::from(2),
+                };
+            }
+        }
+    }
+    rows.push(("plan", "cannot tell".into()));
+    Preview {
+        rows,
+        exit: ExitCode::FAILURE,
     }
 }

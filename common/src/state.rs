@@ -259,10 +259,11 @@ pub struct State {
     pub state_version: Option<String>,
     /// The file mode of the configuration.nix saved as the previous one, put back with it.
     pub previous_mode: Option<u32>,
-    /// A lease slot may be this node's in the API without a hold on disk: written before
-    /// the lease is asked for, cleared once the hold is on disk or the slot given back. A
-    /// pass interrupted in between gives it back before it does anything else.
-    pub lease_claimed: bool,
+    /// A lease slot may be this node's in the API without a hold on disk: how many slots
+    /// there were when it was asked for. Written before the lease is asked for, cleared
+    /// once the hold is on disk or the slots given back. A pass interrupted in between
+    /// gives them back before it does anything else.
+    pub lease_claimed: Option<u32>,
 }
 
 /// A rollout lease's holder record, as this agent saw it.
@@ -311,7 +312,7 @@ impl Default for State {
             lease_slots: None,
             state_version: None,
             previous_mode: None,
-            lease_claimed: false,
+            lease_claimed: None,
         }
     }
 }

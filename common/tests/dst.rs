@@ -8,7 +8,8 @@
 //! the middle of a rollout. The safety invariants of DESIGN section 8 are checked after
 //! every step; a failure names its seed, and `NK3_DST_SEED=<seed>` replays exactly it.
 //!
-//! `NK3_DST_SEEDS` sets how many simulated rollouts run (100,000 unless set).
+//! `NK3_DST_SEEDS` sets how many simulated rollouts run (100,000 unless set), `NK3_DST_FROM`
+//! the first seed (0 unless set).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,8 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nk3_common::disruption::Blocker;
 use nk3_common::inventory::RebootPolicy;
 use nk3_common::rollout::{
-    next_action, Action, Built, Claim, Coordination, Failed, Failure, Halt, Machine, Observation,
-    Op, Plan, Settings,
+    next_action, Action, Built, Claim, Confirmed, Coordination, Failed, Failure, Halt, Machine,
+    Observation, Op, Plan, Settings,
 };
 use nk3_common::state::{Outcome, Phase, State};
 
@@ -93,6 +94,8 @@ struct Node {
     renewing: Option<String>,
     /// It went back a generation.
     rolled_back: bool,
+    /// It was frozen once: its lease and cordon stay until a commit gets through on it.
+    was_frozen: bool,
 }
 
 struct World {
@@ -167,6 +170,7 @@ impl World {
                 seen: BTreeMap::new(),
                 renewing: None,
                 rolled_back: false,
+                was_frozen: false,
             })
             .collect::<Vec<_>>();
         let nodes_api = nodes
@@ -208,6 +212,11 @@ impl World {
             drain_timeout: Duration::from_secs(120),
             health_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// A commit's place in the branch's history (a later one descends from each earlier).
+    fn index(&self, id: &str) -> usize {
+        self.commits.iter().position(|c| c.id == id).unwrap_or(0)
     }
 
     fn commit(&self, id: &str) -> Option<&Commit> {
@@ -422,6 +431,15 @@ impl World {
 
     /// One step of agent `i`.
     fn step(&mut self, seed: u64, i: usize) {
+        // A stall longer than the lease lasts (a hung disk, a paused VM): the agent lives
+        // on, its renewals stop with it, and its lease may be another's when it wakes. (A
+        // stall between a decision and its action is beyond any decision: the cordon is
+        // what keeps the others away then.)
+        if self.nodes[i].obs.is_some() && self.rng.one_in(self.crash.saturating_mul(4)) {
+            self.log.push(format!("{}: stalls", self.nodes[i].name));
+            self.nodes[i].wake = self.now + self.lease_duration + Duration::from_secs(60);
+            return;
+        }
         let now_local = local(self, &self.nodes[i]);
         if self.nodes[i].obs.is_none() {
             self.nodes[i].obs = Some(Observation::pass(now_local, Duration::from_secs(60), false));
@@ -431,6 +449,9 @@ impl World {
         let obs = n.obs.as_mut().expect("a pass");
         obs.now = Some(now_local);
         let step = next_action(&n.state, obs);
+        if matches!(n.state.phase, Phase::Frozen { .. }) {
+            n.was_frozen = true;
+        }
         if let Some(st) = step.state {
             let entered = st.phase.name() != n.state.phase.name();
             n.state = *st;
@@ -464,14 +485,11 @@ impl World {
             self.log.drain(..2000);
         }
         let holds = !self.holder_of(&name).is_empty();
+        // (A rollback is not among them: it repairs a node already disrupted, and goes on
+        // when the lease was lost meanwhile — only its reboot needs the lease.)
         let disruptive = matches!(
             step.action,
-            Action::Cordon
-                | Action::Drain(_)
-                | Action::Switch
-                | Action::Boot
-                | Action::Rollback
-                | Action::Reboot
+            Action::Cordon | Action::Drain(_) | Action::Switch | Action::Boot | Action::Reboot
         );
         if disruptive && !holds {
             self.fail(
@@ -624,9 +642,31 @@ impl World {
                 })?;
                 obs!().renewed = true;
             }
-            Action::KeepRenewed(lease) => {
+            Action::KeepRenewed { lease, .. } => {
                 self.nodes[i].renewing = Some(lease);
                 obs!().renewing = true;
+            }
+            Action::ConfirmLease(lease) => {
+                let s = World::slot(&lease);
+                let t = local(self, &self.nodes[i]);
+                let c = self.api(|w| {
+                    let lost = if w.leases[s].holder.as_deref() == Some(name.as_str()) {
+                        w.leases[s].rv += 1;
+                        None
+                    } else {
+                        let holder = w.leases[s].holder.clone();
+                        Some(format!(
+                            "{} holds it",
+                            holder.unwrap_or_else(|| "nobody".into())
+                        ))
+                    };
+                    Confirmed {
+                        at: t,
+                        lost,
+                        halt: w.halt.clone(),
+                    }
+                })?;
+                obs!().lease_confirmed = Some(c);
             }
             Action::WriteToken => obs!().token_written = true,
             Action::SetChannel(_) => obs!().channel_set = Some(Ok(())),
@@ -789,7 +829,14 @@ impl World {
             }),
             Op::SetHalt { commit, reason } => {
                 let steps = self.steps;
+                let newer = |w: &World, a: &str, b: &str| w.index(a) > w.index(b);
                 self.api(|w| {
+                    if w.halt
+                        .as_ref()
+                        .is_some_and(|h| newer(w, &h.commit, &commit))
+                    {
+                        return;
+                    }
                     w.halted_at.entry(commit.clone()).or_insert(steps);
                     w.halt = Some(Halt {
                         commit,
@@ -798,8 +845,11 @@ impl World {
                     });
                 })
             }
-            Op::LiftHaltUnless(commit) => self.api(|w| {
-                if w.halt.as_ref().is_some_and(|h| h.commit != commit) {
+            Op::LiftOlderHalt(commit) => self.api(|w| {
+                if w.halt
+                    .as_ref()
+                    .is_some_and(|h| w.index(&commit) > w.index(&h.commit))
+                {
                     w.halt = None;
                 }
             }),
@@ -881,8 +931,13 @@ impl World {
 
     /// A node dead, NotReady or frozen: the rollout waits for a person.
     fn stuck(&self) -> bool {
-        (0..self.nodes.len())
-            .any(|j| !self.ready(j) || matches!(self.nodes[j].state.phase, Phase::Frozen { .. }))
+        (0..self.nodes.len()).any(|j| {
+            let n = &self.nodes[j];
+            !self.ready(j)
+                || matches!(n.state.phase, Phase::Frozen { .. })
+                // Frozen once, and a new commit did not get through on it yet.
+                || (n.was_frozen && self.nodes_api[&n.name].by_nk3)
+        })
     }
 
     /// Every live node idle or frozen, and nothing held that should not be.
@@ -952,8 +1007,9 @@ impl World {
             if !applied && n.current == system_of(&head.id) && !head.healthy {
                 self.fail(seed, &format!("{} runs the unhealthy head commit", n.name));
             }
-            // What is held is judged between passes, not halfway through one.
-            if n.obs.is_some() {
+            // What is held is judged between passes, not halfway through one; a node that
+            // was frozen keeps what it held until a commit gets through on it.
+            if n.obs.is_some() || n.was_frozen {
                 continue;
             }
             if self.nodes_api[&n.name].by_nk3 {
@@ -999,9 +1055,13 @@ fn the_rollout_protocol_holds_under_faults() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
+    let from: u64 = std::env::var("NK3_DST_FROM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let seeds: Vec<u64> = match one {
         Some(s) => vec![s],
-        None => (0..count).collect(),
+        None => (from..from + count).collect(),
     };
     let started = std::time::Instant::now();
     // The seeds are independent: spread over the machine's cores.

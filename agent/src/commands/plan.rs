@@ -6,8 +6,7 @@
 use std::process::ExitCode;
 
 use crate::cli::AgentArgs;
-use crate::coordination::Coordination;
-use crate::reconcile::{short, Agent, Decision};
+use crate::reconcile::{Agent, Decision};
 use crate::state;
 
 /// Prints the plan. Exit 0 when the node would be left as it is, 2 when a pass would
@@ -68,90 +67,37 @@ pub fn run(settings: &AgentArgs) -> anyhow::Result<ExitCode> {
             }
         },
     };
-    match agent.decide(&repo, &commit)? {
-        Decision::BadInventory { problems } => {
-            row(
-                "plan",
-                "nothing: the inventory has problems, so nothing would be applied",
-            );
-            for p in problems {
-                println!("  {p}");
-            }
-            Ok(ExitCode::FAILURE)
-        }
-        Decision::NotANode(why) => {
-            row("plan", &format!("nothing: {why}"));
-            Ok(ExitCode::FAILURE)
-        }
-        Decision::AlreadyRejected(r) => {
-            row(
-                "plan",
-                &format!(
-                    "nothing: commit {} was rejected at {}: {}",
-                    short(Some(&r.commit)),
-                    r.at,
-                    r.error
-                ),
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Decision::UpToDate(t) => {
-            row(
-                "node",
-                &format!(
-                    "{} ({}), recognised {}",
-                    t.node,
-                    t.host,
-                    t.matched_by.describe()
-                ),
-            );
-            row("plan", &format!("No action needed on {}", t.host));
-            Ok(ExitCode::SUCCESS)
-        }
-        Decision::Apply {
-            target,
-            diff,
-            why,
-            upgrade,
-        } => {
-            row(
-                "node",
-                &format!(
-                    "{} ({}), recognised {}",
-                    target.node,
-                    target.host,
-                    target.matched_by.describe()
-                ),
-            );
-            let build = if upgrade {
-                "nixos-rebuild build --upgrade"
-            } else {
-                "nixos-rebuild build"
-            };
-            row(
-                "plan",
-                &format!(
-                    "{why}: write configuration.nix, {build}, then switch (or reboot) if the system differs"
-                ),
-            );
-            let how = match agent.coordination(&target.host)? {
-                Coordination::Lease(cluster) => match agent.access_refusal(&target, &cluster) {
-                    Ok(None) => "under the rollout lease: gate, drain, switch, verify".to_string(),
-                    Ok(Some(why)) => format!("wait: {why}"),
-                    Err(e) => format!("under the rollout lease, once the k3s API answers ({e})"),
-                },
-                Coordination::Bootstrap => format!(
-                    "directly, without the rollout lease: k3s has not joined a cluster on {} yet (bootstrap)",
-                    target.host
-                ),
-                Coordination::NoCredentials(why) => format!("wait: {why}"),
-            };
-            row("switch", &how);
-            if let Some(d) = diff {
-                println!("{} modified:", target.host);
-                print!("{d}");
-            }
-            Ok(ExitCode::from(2))
-        }
+    let decision = agent.decide(&repo, &commit)?;
+    if let Decision::UpToDate(t) | Decision::Apply { target: t, .. } = &decision {
+        row(
+            "node",
+            &format!(
+                "{} ({}), recognised {}",
+                t.node,
+                t.host,
+                t.matched_by.describe()
+            ),
+        );
     }
+    let diff = match &decision {
+        Decision::Apply { target, diff, .. } => diff.clone().map(|d| (target.host.clone(), d)),
+        _ => None,
+    };
+    let problems = match &decision {
+        Decision::BadInventory { problems } => problems.clone(),
+        _ => Vec::new(),
+    };
+    let (plan, target) = agent.to_plan(&commit, decision);
+    let walk = crate::runner::preview(&agent, &repo, plan, target.as_ref());
+    for (k, v) in &walk.rows {
+        row(k, v);
+    }
+    for p in problems {
+        println!("  {p}");
+    }
+    if let Some((host, d)) = diff {
+        println!("{host} modified:");
+        print!("{d}");
+    }
+    Ok(walk.exit)
 }

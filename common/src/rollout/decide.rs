@@ -7,17 +7,25 @@
 //! whatever completes a phase (uncordon, release, record) is done before the state that
 //! says it is done, so a crash in between repeats it (each is idempotent).
 
+// The helpers' `Err` is not an error but the step that fetches a missing fact, returned at
+// once: its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
-    Action, Annotate, Claim, Coordination, Event, Failed, Failure, Level, Log, Observation, Op,
-    Plan, Settings, Step,
+    Action, Annotate, Claim, Coordination, Event, Failed, Failure, Halt, Level, Log, Observation,
+    Op, Plan, Settings, Step,
 };
 use crate::inventory::RebootPolicy;
 use crate::state::{DrainBlocked, Hold, LastResult, Outcome, Phase, Rejected, State};
 
 /// How often a failing health check is looked at again.
 pub const VERIFY_EVERY: Duration = Duration::from_secs(1);
+
+/// How recent the confirmation that the lease is this node's must be before a disruptive
+/// action.
+pub const CONFIRMED_WITHIN: Duration = Duration::from_secs(10);
 
 /// A commit for people: its first 12 characters, or `none`.
 pub fn short(commit: Option<&str>) -> &str {
@@ -139,6 +147,15 @@ struct Decide<'a> {
     now: SystemTime,
 }
 
+/// How many slots a lease name implies: `nk3-rollout-2` is the third.
+fn slots_of(lease: &str) -> u32 {
+    lease
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse::<u32>().ok())
+        .map_or(1, |n| n.saturating_add(1))
+}
+
 /// `d` after `t`, or the farthest time there is (durations are bounded when read, but a
 /// decision never panics on one).
 fn after(t: SystemTime, d: Duration) -> SystemTime {
@@ -171,7 +188,7 @@ impl Decide<'_> {
         });
         if gave_back && st.phase.hold().is_none() {
             // Whatever was claimed is given back (or was lost).
-            st.lease_claimed = false;
+            st.lease_claimed = None;
         }
         st.last = Some(LastResult {
             outcome,
@@ -196,17 +213,23 @@ impl Decide<'_> {
     /// becomes a claim: the next pass that does not roll out gives the lease and the cordon
     /// back.
     fn with(&self, phase: Phase) -> State {
-        let claimed = self.s.phase.hold().is_some() && phase.hold().is_none();
+        // A frozen node trying a new commit keeps the lease and its cordon until that
+        // commit is through (or the lease runs out): the rollout stays stopped meanwhile.
+        let claimed = match &self.s.phase {
+            Phase::Frozen { .. } => None,
+            p => p
+                .hold()
+                .filter(|_| phase.hold().is_none())
+                .map(|h| slots_of(&h.lease)),
+        };
         State {
             phase,
-            lease_claimed: self.s.lease_claimed || claimed,
+            lease_claimed: self.s.lease_claimed.max(claimed),
             ..self.s.clone()
         }
     }
 
     /// The settings of `commit`: the plan's when it is about that commit, else read.
-    // The `Err` is not an error but the step that fetches the fact: it is returned at once.
-    #[allow(clippy::result_large_err)]
     fn settings(&self, commit: &str) -> Result<&Settings, Step> {
         match &self.o.plan {
             Some(Plan::Apply {
@@ -227,7 +250,6 @@ impl Decide<'_> {
         }
     }
 
-    #[allow(clippy::result_large_err)]
     fn machine(&self) -> Result<&super::Machine, Step> {
         self.o
             .machine
@@ -240,21 +262,23 @@ impl Decide<'_> {
         let Some(plan) = &self.o.plan else {
             return Step::to(Action::LookPlan);
         };
-        if self.s.lease_claimed && self.s.phase.hold().is_none() {
-            // An interrupted pass may have taken a lease slot: give it back first.
+        if let (Some(claimed), None) = (self.s.lease_claimed, self.s.phase.hold()) {
+            // An interrupted pass may have taken a lease slot: give it back first (every
+            // slot there was then, or is now).
             let max = match plan {
                 Plan::Apply { settings, .. } | Plan::UpToDate { settings, .. } => {
                     settings.max_unavailable
                 }
                 _ => self.s.lease_slots.unwrap_or(1),
-            };
+            }
+            .max(claimed);
             if let Some(step) = self.unless_done(vec![Op::LetGo {
                 max_unavailable: max,
             }]) {
                 return step;
             }
             let mut st = self.s.clone();
-            st.lease_claimed = false;
+            st.lease_claimed = None;
             return Step::to(Action::Continue).save(st);
         }
         match plan {
@@ -612,9 +636,9 @@ impl Decide<'_> {
         }
         // 7. The lease: wait for it (watching, not polling) up to one poll interval.
         let lease = match &o.claim {
-            None if !self.s.lease_claimed => {
+            None if self.s.lease_claimed < Some(settings.max_unavailable) => {
                 let mut st = self.s.clone();
-                st.lease_claimed = true;
+                st.lease_claimed = Some(settings.max_unavailable);
                 return Step::to(Action::Acquire).save(st);
             }
             None => return Step::to(Action::Acquire),
@@ -648,6 +672,14 @@ impl Decide<'_> {
             }
             Some(Claim::Held(lease)) => lease,
         };
+        // Renewed from the moment it is held: what follows (a fetch, the gate) may take a
+        // while.
+        if !o.renewing {
+            return Step::to(Action::KeepRenewed {
+                lease: lease.clone(),
+                fresh: true,
+            });
+        }
         // 6. The gate, checked (again) with the lease held so nobody else changes the
         // picture: the node that held it before may have halted this very commit.
         let Some(halt) = &o.halt_held else {
@@ -688,8 +720,21 @@ impl Decide<'_> {
             }
             Some(Ok(ready)) => ready,
         };
-        if !o.renewing {
-            return Step::to(Action::KeepRenewed(lease.clone()));
+        // Still this node's, and the commit not halted meanwhile, just before the cordon.
+        match self.confirmed(lease) {
+            Ok(()) => {
+                if let Some(h) = self.halted_meanwhile(commit) {
+                    return self.halted(commit, settings, &h.node, &h.reason);
+                }
+            }
+            Err(Some(step)) => return step,
+            Err(None) => {
+                let why = self.lost().unwrap_or_default();
+                let msg = format!("lost the rollout lease before draining ({why}); will try again");
+                return self
+                    .end(Outcome::Waiting, Some(commit), &msg)
+                    .say(Level::Warn, msg);
+            }
         }
         // 8. Into the drain: the hold is on disk before the cordon.
         let hold = Hold {
@@ -703,7 +748,7 @@ impl Decide<'_> {
             system: system.to_string(),
             hold,
         });
-        st.lease_claimed = false;
+        st.lease_claimed = None;
         Step::to(Action::Cordon)
             .save(st)
             .say(
@@ -732,11 +777,92 @@ impl Decide<'_> {
         (self.o.cluster_done.as_ref() != Some(&ops)).then(|| Step::to(Action::Cluster(ops)))
     }
 
+    /// Whether `lease` was confirmed this node's within [`CONFIRMED_WITHIN`]: `Err(Some)`
+    /// is the step that asks, `Err(None)` says it is lost ([`Decide::lost`] says why).
+    fn confirmed(&self, lease: &str) -> Result<(), Option<Step>> {
+        match &self.o.lease_confirmed {
+            Some(c) if c.lost.is_some() => Err(None),
+            Some(c) if self.now.duration_since(c.at).unwrap_or_default() <= CONFIRMED_WITHIN => {
+                Ok(())
+            }
+            _ => Err(Some(Step::to(Action::ConfirmLease(lease.to_string())))),
+        }
+    }
+
+    /// The halt of `commit` the last confirmation found (set meanwhile by another node).
+    fn halted_meanwhile(&self, commit: &str) -> Option<&Halt> {
+        self.o
+            .lease_confirmed
+            .as_ref()
+            .and_then(|c| c.halt.as_ref())
+            .filter(|h| h.commit == commit)
+    }
+
+    /// Before `what` under `hold`: the step that confirms the lease; or, if it is lost, the
+    /// steps that uncordon and go back to the build, to go through the rollout again; or,
+    /// with `halt_stops`, if the commit was halted meanwhile, the steps that uncordon,
+    /// release and refuse it. `None` when the node may go on.
+    fn unless_lost(
+        &self,
+        commit: &str,
+        system: &str,
+        hold: &Hold,
+        what: &str,
+        halt_stops: bool,
+    ) -> Option<Step> {
+        match self.confirmed(&hold.lease) {
+            Ok(()) if self.o.lease_lost.is_none() => {
+                let h = self.halted_meanwhile(commit).filter(|_| halt_stops)?;
+                if let Some(step) = self.unless_done(vec![
+                    Op::Uncordon {
+                        was_unschedulable: hold.was_unschedulable,
+                    },
+                    Op::Release(hold.lease.clone()),
+                ]) {
+                    return Some(step.annotate(None, "idle"));
+                }
+                return Some(self.halted_after_release(commit, &h.node, &h.reason));
+            }
+            Err(Some(step)) if self.o.lease_lost.is_none() => return Some(step),
+            _ => {}
+        }
+        if let Some(step) = self.unless_done(vec![Op::Uncordon {
+            was_unschedulable: hold.was_unschedulable,
+        }]) {
+            return Some(step.annotate(None, "idle"));
+        }
+        let why = self.lost().unwrap_or_default();
+        let host = self.host();
+        let msg = format!("lost the rollout lease before {what} ({why}); uncordoned {host} without it, will go through the rollout again");
+        let back = self.with(Phase::Built {
+            commit: commit.to_string(),
+            system: system.to_string(),
+        });
+        Some(
+            Step::to(finish(Outcome::Waiting))
+                .save(self.ended(back, Outcome::Waiting, Some(commit), &msg))
+                .say(Level::Warn, msg),
+        )
+    }
+
+    /// Why the held lease is no longer this node's, if the renewer or a confirmation saw it.
+    fn lost(&self) -> Option<String> {
+        self.o
+            .lease_lost
+            .clone()
+            .or_else(|| self.o.lease_confirmed.as_ref().and_then(|c| c.lost.clone()))
+    }
+
     /// A commit another node found unhealthy: never applied here.
     fn halted(&self, commit: &str, settings: &Settings, node: &str, reason: &str) -> Step {
         if let Some(step) = self.let_go(settings) {
             return step;
         }
+        self.halted_after_release(commit, node, reason)
+    }
+
+    /// The halted commit refused, what this node held given back.
+    fn halted_after_release(&self, commit: &str, node: &str, reason: &str) -> Step {
         let Some(m) = &self.o.machine else {
             return Step::to(Action::LookMachine);
         };
@@ -778,13 +904,17 @@ impl Decide<'_> {
                 was_unschedulable: was,
                 ..hold.clone()
             };
-            return Step::to(Action::Drain(settings.drain_timeout)).save(self.with(
-                Phase::Draining {
-                    commit: commit.to_string(),
-                    system: system.to_string(),
-                    hold,
-                },
-            ));
+            return Step::to(Action::Continue).save(self.with(Phase::Draining {
+                commit: commit.to_string(),
+                system: system.to_string(),
+                hold,
+            }));
+        }
+        // Pods are evicted only under the lease, confirmed just before.
+        if o.drained.is_none() {
+            if let Some(step) = self.unless_lost(commit, system, hold, "draining", true) {
+                return step;
+            }
         }
         let back = || {
             self.with(Phase::Built {
@@ -818,16 +948,8 @@ impl Decide<'_> {
         };
         // The lease lost while the node was being drained: whoever holds it now may be
         // disrupting itself; this node does not switch.
-        if let Some(why) = &o.lease_lost {
-            if let Some(step) = self.unless_done(vec![Op::Uncordon {
-                was_unschedulable: was,
-            }]) {
-                return step.annotate(None, "idle");
-            }
-            let msg = format!("lost the rollout lease before switching ({why}); uncordoned {host} without switching, will try again");
-            return Step::to(finish(Outcome::Waiting))
-                .save(self.ended(back(), Outcome::Waiting, Some(commit), &msg))
-                .say(Level::Warn, msg);
+        if let Some(step) = self.unless_lost(commit, system, hold, "switching", true) {
+            return step;
         }
         self.to_switch(commit, system, Some(hold), settings, reasons)
     }
@@ -916,6 +1038,11 @@ impl Decide<'_> {
             } else {
                 format!("{} changed", reasons.join(", "))
             };
+            if let Some(h) = hold {
+                if let Some(step) = self.unless_lost(commit, system, h, "rebooting", false) {
+                    return step;
+                }
+            }
             let st = self.with(Phase::Rebooting {
                 commit: commit.to_string(),
                 system: system.to_string(),
@@ -993,15 +1120,17 @@ impl Decide<'_> {
             Ok(s) => s,
             Err(step) => return step,
         };
-        Step::to(Action::Continue).save(self.with(Phase::Verifying {
-            commit: commit.to_string(),
-            system: system.to_string(),
-            hold: hold.clone(),
-            deadline: rfc3339(after(self.now, settings.health_timeout)),
-            rollback: rollback.is_some(),
-            reason: rollback.map(str::to_string),
-            since: Some(rfc3339_micros(self.now)),
-        }))
+        Step::to(Action::Continue)
+            .save(self.with(Phase::Verifying {
+                commit: commit.to_string(),
+                system: system.to_string(),
+                hold: hold.clone(),
+                deadline: rfc3339(after(self.now, settings.health_timeout)),
+                rollback: rollback.is_some(),
+                reason: rollback.map(str::to_string),
+                since: Some(rfc3339_micros(self.now)),
+            }))
+            .annotate(None, "verifying")
     }
 
     /// `nixos-rebuild switch --rollback` under way, or interrupted.
@@ -1056,13 +1185,19 @@ impl Decide<'_> {
             });
         }
         // Whoever holds the lease now may be down: switched back, this node does not reboot.
-        if let Some(lost) = &o.lease_lost {
+        if reboot && o.lease_lost.is_none() {
+            if let Err(Some(step)) = self.confirmed(&hold.lease) {
+                return step;
+            }
+        }
+        let lost = self.lost();
+        if let Some(lost) = &lost {
             logs.push(Log {
                 level: Level::Warn,
                 message: format!("lost the rollout lease ({lost}): rolled back without the reboot"),
             });
         }
-        let mut step = if reboot && o.lease_lost.is_none() {
+        let mut step = if reboot && lost.is_none() {
             let st = self.with(Phase::Rebooting {
                 commit: commit.to_string(),
                 system: previous,
@@ -1120,7 +1255,30 @@ impl Decide<'_> {
             Err(step) => return step,
         };
         if machine.boot_id == boot_id {
-            // The reboot asked for has not happened (the agent was stopped before it).
+            // The reboot asked for has not happened (the agent was stopped before it): asked
+            // again, if the lease is still this node's after the outage.
+            if let Some(h) = hold {
+                if rollback {
+                    // Rolled back already (the switch activated it): without the lease the
+                    // reboot is left out and the rollback verified as it runs.
+                    match self.confirmed(&h.lease) {
+                        Err(Some(step)) if o.lease_lost.is_none() => return step,
+                        Ok(()) if o.lease_lost.is_none() => {}
+                        _ => {
+                            let lost = self.lost().unwrap_or_default();
+                            let reason = self.s.last.as_ref().map(|l| l.message.clone());
+                            return self
+                                .to_verify(commit, system, h, Some(&reason.unwrap_or_default()))
+                                .say(
+                                    Level::Warn,
+                                    format!("lost the rollout lease ({lost}): rolled back without the reboot"),
+                                );
+                        }
+                    }
+                } else if let Some(step) = self.unless_lost(commit, system, h, "rebooting", false) {
+                    return step;
+                }
+            }
             return Step::to(Action::Reboot).say(
                 Level::Info,
                 format!("Rebooting {host} (asked again: the machine has not rebooted yet)"),
@@ -1196,7 +1354,10 @@ impl Decide<'_> {
         };
         let host = &settings.host;
         if !o.renewing {
-            return Step::to(Action::KeepRenewed(hold.lease.clone())).annotate(None, "verifying");
+            return Step::to(Action::KeepRenewed {
+                lease: hold.lease.clone(),
+                fresh: false,
+            });
         }
         // A deadline that cannot be read has passed: judge the node now.
         let deadline = humantime::parse_rfc3339(deadline).unwrap_or(self.now);
@@ -1226,12 +1387,11 @@ impl Decide<'_> {
         match (healthy, rollback) {
             (Ok(()), None) => {
                 if let Some(step) = self.unless_done(vec![
-                        uncordon,
-                        Op::LiftHaltUnless(commit.to_string()),
-                        Op::Release(hold.lease.clone()),
-                    ]) {
-                    return step
-                    .annotate(Some(commit), "idle");
+                    uncordon,
+                    Op::LiftOlderHalt(commit.to_string()),
+                    Op::Release(hold.lease.clone()),
+                ]) {
+                    return step.annotate(Some(commit), "idle");
                 }
                 if !o.recorded {
                     return Step::to(Action::RecordApplied);
@@ -1270,22 +1430,16 @@ impl Decide<'_> {
                     Ok(m) => m,
                     Err(step) => return step,
                 };
-                // Halted only while it is the branch's head: an older commit is applied by
-                // nobody anyway, and its halt must not replace the halt of a newer one.
-                let Some(head) = &o.head_held else {
-                    return Step::to(Action::LookHeadHeld);
-                };
-                let halt = head == commit;
-                let mut ops = vec![uncordon, Op::Release(hold.lease.clone())];
-                if halt {
-                    ops.insert(
-                        0,
-                        Op::SetHalt {
-                            commit: commit.to_string(),
-                            reason: why.clone(),
-                        },
-                    );
-                }
+                // Halted for everyone (unless a newer commit is halted already: see
+                // `Op::SetHalt`).
+                let ops = vec![
+                    Op::SetHalt {
+                        commit: commit.to_string(),
+                        reason: why.clone(),
+                    },
+                    uncordon,
+                    Op::Release(hold.lease.clone()),
+                ];
                 if let Some(step) = self.unless_done(ops) {
                     return step.annotate(self.s.applied.as_deref(), "idle");
                 }
@@ -1294,31 +1448,17 @@ impl Decide<'_> {
                         had_previous: machine.previous_saved,
                     });
                 }
-                let (record, msg, say) = if halt {
-                    (
-                        format!("halted: {why}"),
-                        format!("commit {c} halted: {why}"),
-                        format!("commit {c} halted for the whole cluster: {why}"),
-                    )
-                } else {
-                    let newer = short(Some(head));
-                    (
-                        format!("rolled back: {why}"),
-                        format!("commit {c} rolled back: {why}; not halted, the branch has moved on to {newer}"),
-                        format!("commit {c} rolled back on {host}: {why}; not halted, the branch has moved on to {newer}"),
-                    )
-                };
-                let mut st = self.rejected(commit, &record);
+                let mut st = self.rejected(commit, &format!("halted: {why}"));
                 st.applied_system = machine.current.clone();
                 st.last_rollout_seconds = held_for;
-                let step = Step::to(finish(Outcome::RolledBack))
+                let msg = format!("commit {c} halted: {why}");
+                Step::to(finish(Outcome::RolledBack))
                     .save(self.ended(st, Outcome::RolledBack, Some(commit), &msg))
-                    .say(Level::Error, say);
-                if halt {
-                    step.event("Halted", format!("commit {c} is halted: {why}"), true)
-                } else {
-                    step
-                }
+                    .say(
+                        Level::Error,
+                        format!("commit {c} halted for the whole cluster: {why}"),
+                    )
+                    .event("Halted", format!("commit {c} is halted: {why}"), true)
             }
             (Err(why), Some(reason)) => self.freeze(
                 commit,

@@ -180,6 +180,17 @@ pub enum Claim {
     },
 }
 
+/// What a confirmation of the held lease found, just before something disruptive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    /// When (this machine's clock).
+    pub at: SystemTime,
+    /// Why the lease is no longer this node's, if it is not.
+    pub lost: Option<String>,
+    /// The halt on record then: a commit halted meanwhile is not switched to.
+    pub halt: Option<Halt>,
+}
+
 /// Everything the agent has seen in this pass. `None` is "not looked at yet"; the runner
 /// forgets the facts of a phase when the phase changes (see [`Observation::entered`]).
 /// What the build found, and that this pass landed the file, stay for the pass: the phases
@@ -206,6 +217,8 @@ pub struct Observation {
     pub renewed: bool,
     /// This pass renews the held lease in the background.
     pub renewing: bool,
+    /// The last confirmation, in this phase, that the held lease is this node's.
+    pub lease_confirmed: Option<Confirmed>,
     /// Why the held lease is no longer this node's, if the renewer saw it go.
     pub lease_lost: Option<String>,
     /// The join token was written.
@@ -340,15 +353,18 @@ pub enum Op {
         /// How many slots there are.
         max_unavailable: u32,
     },
-    /// Halts a commit for everyone.
+    /// Halts a commit for everyone — unless the halt on record is of a newer commit (one
+    /// that descends from it): an older commit's halt never replaces a newer one's, which
+    /// nodes still behind must see.
     SetHalt {
         /// The commit.
         commit: String,
         /// Why.
         reason: String,
     },
-    /// Lifts a halt of any other commit than this one.
-    LiftHaltUnless(String),
+    /// Lifts the halt on record if it is of an older commit (one this commit descends
+    /// from): a newer commit got through. An older commit finishing late lifts nothing.
+    LiftOlderHalt(String),
 }
 
 /// What the node's annotations say (`nk3.io/phase`, and `nk3.io/applied-commit` when given).
@@ -397,7 +413,15 @@ pub enum Action {
     /// Renews the held lease once.
     Renew(String),
     /// Renews the held lease in the background for the rest of the pass.
-    KeepRenewed(String),
+    KeepRenewed {
+        /// The lease.
+        lease: String,
+        /// Just taken: a loss an earlier hold saw is forgotten.
+        fresh: bool,
+    },
+    /// Renews the held lease now and says whether it is still this node's, and reads the
+    /// halt: the last look before something disruptive.
+    ConfirmLease(String),
     /// Writes the k3s join token file.
     WriteToken,
     /// Points the `nixos` channel at this one.
