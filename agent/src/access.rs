@@ -12,13 +12,13 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::cluster::{LEASE, NAMESPACE, NODE_LEASES};
+use crate::cluster::{RolloutLease, NODE_LEASES};
 use crate::kube::{Kube, KubeError};
 
 /// The name of the ClusterRole and of each Role (one per namespace) nk3 makes.
 pub const ROLE: &str = "nk3-agent";
 /// Where the agents' ServiceAccounts and their token Secrets live.
-pub const ACCOUNTS: &str = NAMESPACE;
+pub const ACCOUNTS: &str = "kube-system";
 /// Namespace of the Events nk3 records about Nodes.
 pub const EVENTS: &str = "default";
 
@@ -54,26 +54,15 @@ fn rule(
     }
 }
 
-/// The names of every rollout Lease for `max_unavailable`: the first one (which carries the
-/// halt and the nudge) and the slots.
-pub fn lease_names(max_unavailable: u32) -> Vec<String> {
-    let mut names = vec![LEASE.to_string()];
-    for n in nk3_common::lease::names(LEASE, max_unavailable) {
-        if !names.contains(&n) {
-            names.push(n);
-        }
-    }
-    names
-}
-
 /// Everything the agent of `node` does in the API, for a rollout of `max_unavailable` and,
 /// when the inventory has the Ceph check, the Ceph tools deployment's namespace.
 pub fn permissions(
     node: &str,
+    lease: &RolloutLease,
     max_unavailable: u32,
     ceph_namespace: Option<&str>,
 ) -> Vec<Permission> {
-    let leases = lease_names(max_unavailable);
+    let leases = lease.names(max_unavailable);
     let mut p = vec![
         // The gate (every node Ready) reads them all; cordon, uncordon and the nk3.io
         // annotations patch only this node (a role of its own: see `objects`).
@@ -92,14 +81,14 @@ pub fn permissions(
             &["get", "list", "watch", "update"],
             "coordination.k8s.io",
             "leases",
-            Some(NAMESPACE),
+            Some(&lease.namespace),
             &leases,
         ),
         rule(
             &["create"],
             "coordination.k8s.io",
             "leases",
-            Some(NAMESPACE),
+            Some(&lease.namespace),
             &[],
         ),
         // Every kubelet's heartbeat: is each other node alive now.
@@ -372,9 +361,10 @@ mod tests {
 
     #[test]
     fn leases_are_granted_by_name_for_every_slot_and_the_first() {
-        assert_eq!(lease_names(1), vec!["nk3-rollout"]);
+        let l = RolloutLease::default();
+        assert_eq!(l.names(1), vec!["nk3-rollout"]);
         assert_eq!(
-            lease_names(3),
+            l.names(3),
             vec![
                 "nk3-rollout",
                 "nk3-rollout-0",
@@ -382,7 +372,7 @@ mod tests {
                 "nk3-rollout-2"
             ]
         );
-        let r = rules(&permissions("n1", 2, None));
+        let r = rules(&permissions("n1", &l, 2, None));
         let ks = &r[&Some("kube-system".to_string())];
         assert_eq!(
             ks[0]["resourceNames"],
@@ -393,8 +383,22 @@ mod tests {
     }
 
     #[test]
+    fn the_roles_follow_the_lease_settings() {
+        let l = RolloutLease {
+            namespace: "nk3-system".into(),
+            name: "fleet".into(),
+        };
+        let r = rules(&permissions("n1", &l, 2, None));
+        assert!(!r.contains_key(&Some("kube-system".to_string())), "{r:?}");
+        assert_eq!(
+            r[&Some("nk3-system".to_string())][0]["resourceNames"],
+            json!(["fleet", "fleet-0", "fleet-1"])
+        );
+    }
+
+    #[test]
     fn nothing_is_granted_on_secrets_or_with_wildcards() {
-        for p in permissions("n1", 5, Some("rook-ceph")) {
+        for p in permissions("n1", &RolloutLease::default(), 5, Some("rook-ceph")) {
             assert_ne!(p.resource, "secrets");
             assert!(!p.verbs.contains(&"*") && p.resource != "*" && p.group != "*");
             assert!(!p.verbs.contains(&"delete"), "{p:?}");
@@ -403,7 +407,7 @@ mod tests {
 
     #[test]
     fn objects_bind_one_account_per_node_to_shared_roles() {
-        let objs = objects("n1", &permissions("n1", 1, None));
+        let objs = objects("n1", &permissions("n1", &RolloutLease::default(), 1, None));
         let kinds: Vec<String> = objs.iter().map(|o| o.describe.clone()).collect();
         assert_eq!(
             kinds,

@@ -106,6 +106,57 @@ fn state_version(s: &str) -> Result<String, String> {
     nk3_common::check::state_version(s).map(|()| s.to_string())
 }
 
+/// A Kubernetes name: lower-case letters, digits and `-` (and `.` where `dots`), starting
+/// and ending with a letter or digit, at most `max` long.
+fn kube_name(s: &str, max: usize, dots: bool) -> Result<String, String> {
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || dots && c == '.';
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if s.is_empty()
+        || s.len() > max
+        || !s.chars().all(ok_char)
+        || !edge(s.chars().next())
+        || !edge(s.chars().last())
+    {
+        return Err(format!(
+            "not a Kubernetes name: at most {max} lower-case letters, digits{} and '-', starting and ending with a letter or digit",
+            if dots { ", '.'" } else { "" }
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn namespace(s: &str) -> Result<String, String> {
+    kube_name(s, 63, false)
+}
+
+/// Room is left for the slots' `-<n>`.
+fn lease_name(s: &str) -> Result<String, String> {
+    kube_name(s, 240, true)
+}
+
+/// Where the rollout Leases are (DESIGN section 7): every node of a cluster must agree.
+#[derive(Debug, Clone, Args)]
+pub struct LeaseArgs {
+    /// The namespace of the rollout Leases.
+    #[arg(long, value_name = "NAMESPACE", env = env_vars::NK3_LEASE_NAMESPACE, default_value = "kube-system", value_parser = namespace)]
+    pub lease_namespace: String,
+    /// The name of the first rollout Lease (it carries the halt); with `max_unavailable: N`
+    /// the slots are NAME-0…NAME-(N-1).
+    #[arg(long, value_name = "NAME", env = env_vars::NK3_LEASE_NAME, default_value = "nk3-rollout", value_parser = lease_name)]
+    pub lease_name: String,
+}
+
+impl LeaseArgs {
+    /// The place these name.
+    pub fn rollout_lease(&self) -> crate::cluster::RolloutLease {
+        crate::cluster::RolloutLease {
+            namespace: self.lease_namespace.clone(),
+            name: self.lease_name.clone(),
+        }
+    }
+}
+
 /// Where the agent reads facts about the machine it runs on.
 #[derive(Debug, Clone, Args)]
 pub struct MachineArgs {
@@ -191,6 +242,8 @@ pub struct AgentArgs {
     /// for the rollout lease, and not a fresh machine that applies at once.
     #[arg(long, value_name = "DIR", env = env_vars::NK3_K3S_DATA_DIR, default_value = "/var/lib/rancher/k3s")]
     pub k3s_data_dir: PathBuf,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
     /// The nixos-rebuild program.
     #[arg(long, value_name = "CMD", env = env_vars::NK3_NIXOS_REBUILD, default_value = "nixos-rebuild")]
     pub nixos_rebuild: PathBuf,
@@ -265,6 +318,8 @@ pub struct NudgeArgs {
     /// Credentials for the k3s API.
     #[arg(long, value_name = "FILE", env = env_vars::NK3_KUBECONFIG, default_value = "/etc/rancher/k3s/k3s.yaml")]
     pub kubeconfig: PathBuf,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
 }
 
 /// `nk3-agent credentials`.
@@ -294,6 +349,8 @@ pub struct CredentialsArgs {
     /// Admin credentials for the k3s API (on a server, the file k3s writes).
     #[arg(long, value_name = "FILE", env = env_vars::NK3_KUBECONFIG, default_value = "/etc/rancher/k3s/k3s.yaml")]
     pub kubeconfig: PathBuf,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
 }
 
 /// `nk3-agent validate`.

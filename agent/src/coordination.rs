@@ -25,8 +25,13 @@ impl Agent {
     /// The cluster this node belongs to, or `None` before its k3s ever ran (bootstrap: no
     /// kubeconfig yet), when it applies without the lease.
     pub(crate) fn cluster(&self, host: &str) -> anyhow::Result<Option<Arc<Cluster>>> {
-        Ok(Cluster::connect(&self.settings().kubeconfig, host)?
-            .map(|c| Arc::new(c.with_kubectl(&self.settings().kubectl))))
+        let s = self.settings();
+        Ok(Cluster::connect(&s.kubeconfig, host)?.map(|c| {
+            Arc::new(
+                c.with_kubectl(&s.kubectl)
+                    .with_lease(s.lease.rollout_lease()),
+            )
+        }))
     }
 
     /// How a switch of this node is coordinated with its cluster: under the rollout lease
@@ -81,7 +86,8 @@ impl Agent {
     ) -> anyhow::Result<Option<String>> {
         let kubeconfig = &self.settings().kubeconfig;
         let ceph = t.rollout.ceph.as_ref().map(|c| c.namespace.as_str());
-        let perms = access::permissions(&t.host, t.rollout.max_unavailable, ceph);
+        let lease = self.settings().lease.rollout_lease();
+        let perms = access::permissions(&t.host, &lease, t.rollout.max_unavailable, ceph);
         let host = &t.host;
         let again = format!("on a server, run `nk3-agent credentials {host} --inventory inventory.yaml` and install the file it writes as services.nk3-agent.kubeconfig");
         Ok(match access::check(cluster.kube(), &perms)? {

@@ -25,6 +25,10 @@ pub const NK3_NIXOS_DIR: &str = "NK3_NIXOS_DIR";
 pub const NK3_KUBECONFIG: &str = "NK3_KUBECONFIG";
 /// k3s's data directory: what k3s leaves there tells whether it joined a cluster here.
 pub const NK3_K3S_DATA_DIR: &str = "NK3_K3S_DATA_DIR";
+/// The namespace of the rollout Leases.
+pub const NK3_LEASE_NAMESPACE: &str = "NK3_LEASE_NAMESPACE";
+/// The name of the first rollout Lease.
+pub const NK3_LEASE_NAME: &str = "NK3_LEASE_NAME";
 /// `render`: the `system.stateVersion` for an inventory that sets none.
 pub const NK3_STATE_VERSION: &str = "NK3_STATE_VERSION";
 /// The longest a build may take.

@@ -13,9 +13,12 @@ mod drain;
 mod effects;
 mod env_vars;
 mod git;
+mod health;
 mod kube;
+mod leases;
 mod logging;
 mod machine;
+mod memory;
 mod metrics;
 mod progress;
 mod reconcile;
@@ -37,6 +40,9 @@ fn main() -> ExitCode {
     };
     if let Some(t) = git_timeout {
         git::set_timeouts(t);
+    }
+    if matches!(&cli.command, cli::Command::Run(_)) {
+        memory::one_arena();
     }
     let result = match cli.command {
         cli::Command::Run(args) => commands::run::run(*args),

@@ -195,6 +195,56 @@ fn a_member_applies_under_the_lease_and_leaves_the_cluster_as_it_found_it() {
 }
 
 #[test]
+fn the_lease_namespace_and_name_are_settings() {
+    let api = api();
+    api.create(
+        "/api/v1/namespaces",
+        &json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "nk3-system" } }),
+    )
+    .unwrap();
+    let repo = Repo::with_inventory(&inventory(""));
+    let mut node = member(&repo, &api, "172.30.190.3", HOST3);
+    node.env
+        .push(("NK3_LEASE_NAMESPACE".into(), "nk3-system".into()));
+    node.env
+        .push(("NK3_LEASE_NAME".into(), "fleet-rollout".into()));
+    let head = push_resolver(&repo);
+    let log = node.pass_ok();
+    assert!(log.contains(&format!("k8s is ready on {HOST3}")), "{log}");
+    assert_eq!(node.state()["applied"], head.as_str());
+    let w = agent_writes(&api);
+    let leases: Vec<(String, String)> = w
+        .iter()
+        .filter(|w| w.resource == "leases" && w.namespace != "kube-node-lease")
+        .map(|w| (w.namespace.clone(), w.name.clone()))
+        .collect();
+    assert!(!leases.is_empty(), "no lease written");
+    assert!(
+        leases
+            .iter()
+            .all(|(ns, name)| ns == "nk3-system" && name == "fleet-rollout"),
+        "{leases:?}"
+    );
+    assert!(api
+        .get_object("leases", "kube-system", "nk3-rollout")
+        .is_none());
+    // status --cluster reads the lease where the settings say.
+    let o = node.agent(&["status", "--cluster"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A name Kubernetes would refuse is refused before anything is done.
+    let o = node
+        .agent(&["run", "--once", "--lease-name", "Fleet_Rollout"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a Kubernetes name"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn a_live_holder_keeps_the_lease_and_the_node_waits_without_building_again() {
     let api = api();
     let repo = Repo::with_inventory(&inventory(""));

@@ -82,11 +82,13 @@ pub fn run(args: &CredentialsArgs) -> anyhow::Result<ExitCode> {
     let kube = Kube::new(&admin)?;
     // The roles are every agent node's: never narrow them (another node's credentials made
     // with a larger max_unavailable, or the Ceph check, keep working).
+    let lease = args.lease.rollout_lease();
     let role = format!(
         "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/roles/{}",
-        crate::cluster::NAMESPACE,
+        lease.namespace,
         access::ROLE
     );
+    let slot_prefix = format!("{}-", lease.name);
     if let Some(existing) = kube.get::<Value>(&role)? {
         let slots = existing["rules"]
             .as_array()
@@ -95,7 +97,7 @@ pub fn run(args: &CredentialsArgs) -> anyhow::Result<ExitCode> {
             .flat_map(|r| r["resourceNames"].as_array().into_iter().flatten())
             .filter_map(|n| {
                 n.as_str()?
-                    .strip_prefix("nk3-rollout-")?
+                    .strip_prefix(slot_prefix.as_str())?
                     .parse::<u32>()
                     .ok()
             })
@@ -104,7 +106,7 @@ pub fn run(args: &CredentialsArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or(1);
         max_unavailable = max_unavailable.max(slots);
     }
-    let perms = access::permissions(&host, max_unavailable, ceph.as_deref());
+    let perms = access::permissions(&host, &lease, max_unavailable, ceph.as_deref());
     for o in access::objects(&host, &perms) {
         let what = apply(&kube, &o)?;
         println!("{what:<9} {}", o.describe);

@@ -11,7 +11,9 @@ use crate::cluster::Cluster;
 
 /// Sets the annotation.
 pub fn run(args: &NudgeArgs) -> anyhow::Result<ExitCode> {
-    let Some(cluster) = Cluster::connect(&args.kubeconfig, "nk3-nudge")? else {
+    let Some(cluster) = Cluster::connect(&args.kubeconfig, "nk3-nudge")?
+        .map(|c| c.with_lease(args.lease.rollout_lease()))
+    else {
         anyhow::bail!(
             "no kubeconfig at {} (pass --kubeconfig or set NK3_KUBECONFIG)",
             args.kubeconfig.display()

@@ -5,9 +5,17 @@
 
 use std::process::ExitCode;
 
+use anyhow::anyhow;
+use git2::Repository;
+use nk3_common::rollout::{
+    next_action, Action, Built, Coordination, Machine, Observation, Op, Plan,
+};
+
 use crate::cli::AgentArgs;
-use crate::reconcile::{Agent, Decision};
-use crate::state;
+use crate::effects::Clock as _;
+use crate::reconcile::{Agent, Decision, Target};
+use crate::runner::settings_of;
+use crate::state::{self, Outcome};
 
 /// Prints the plan. Exit 0 when the node would be left as it is, 2 when a pass would
 /// change it, 1 when it cannot tell (unreachable repository with nothing fetched, …).
@@ -88,7 +96,7 @@ pub fn run(settings: &AgentArgs) -> anyhow::Result<ExitCode> {
         _ => Vec::new(),
     };
     let (plan, target) = agent.to_plan(&commit, decision);
-    let walk = crate::runner::preview(&agent, &repo, plan, target.as_ref());
+    let walk = preview(&agent, &repo, plan, target.as_ref());
     for (k, v) in &walk.rows {
         row(k, v);
     }
@@ -100,4 +108,192 @@ pub fn run(settings: &AgentArgs) -> anyhow::Result<ExitCode> {
         print!("{d}");
     }
     Ok(walk.exit)
+}
+
+/// What `plan` prints: the decision's answer, walked as far as it goes without changing
+/// anything — facts are looked at (read only), a build is supposed to give a system that
+/// differs, and the walk stops at the first step that would need the cluster or change
+/// the node.
+struct Preview {
+    /// `(key, value)` rows.
+    pub rows: Vec<(&'static str, String)>,
+    /// 0: the node would be left as it is; 2: a pass would change it; 1: cannot tell.
+    pub exit: std::process::ExitCode,
+}
+
+fn preview(agent: &Agent, repo: &Repository, plan: Plan, target: Option<&Target>) -> Preview {
+    let mut st = agent.state.clone();
+    let now = crate::effects::SYSTEM_CLOCK.now();
+    let mut obs = Observation::pass(now, agent.settings().poll_interval, false);
+    let why = match &plan {
+        Plan::Apply { why, .. } => Some(why.clone()),
+        _ => None,
+    };
+    obs.plan = Some(plan);
+    let mut rows: Vec<(&'static str, String)> = Vec::new();
+    let mut changes = false;
+    let host = target.map(|t| t.host.clone()).unwrap_or_default();
+    for _ in 0..200 {
+        let step = next_action(&st, &obs);
+        if let Some(new) = step.state {
+            let entered = new.phase.name() != st.phase.name();
+            st = *new;
+            if entered {
+                obs.entered();
+            }
+        }
+        match step.action {
+            Action::Finish { outcome, .. } => {
+                let msg = st
+                    .last
+                    .as_ref()
+                    .map(|l| l.message.clone())
+                    .unwrap_or_default();
+                let exit = match outcome {
+                    Outcome::NoChange | Outcome::Rejected => ExitCode::SUCCESS,
+                    _ if changes => ExitCode::from(2),
+                    Outcome::Waiting | Outcome::Frozen => ExitCode::SUCCESS,
+                    _ => ExitCode::FAILURE,
+                };
+                if changes {
+                    rows.push(("switch", format!("wait: {msg}")));
+                } else {
+                    rows.push(("plan", msg));
+                }
+                return Preview { rows, exit };
+            }
+            Action::LookMachine => {
+                obs.machine = Some(Machine {
+                    boot_id: agent.nixos().boot_id().unwrap_or_default(),
+                    current: agent.nixos().current(),
+                    previous_saved: agent.previous_path().exists(),
+                });
+            }
+            Action::LookSettings => {
+                let r = st
+                    .phase
+                    .commit()
+                    .ok_or_else(|| anyhow!("no rollout under way"))
+                    .and_then(|c| agent.inventory_at(repo, c))
+                    .map(|inv| settings_of(&inv, st.host.as_deref().unwrap_or_default()));
+                obs.settings = Some(r.map_err(|e| format!("{e:#}")));
+            }
+            Action::LookCoordination => {
+                let Some(t) = target else { break };
+                let c = match agent.coordination(&t.host) {
+                    Ok(crate::coordination::Coordination::Lease(cluster)) => {
+                        match agent.access_refusal(t, &cluster) {
+                            Ok(None) => Coordination::Lease,
+                            Ok(Some(why)) => Coordination::NoCredentials(why),
+                            Err(e) => {
+                                rows.push((
+                                    "switch",
+                                    format!(
+                                        "under the rollout lease, once the k3s API answers ({e})"
+                                    ),
+                                ));
+                                return Preview {
+                                    rows,
+                                    exit: ExitCode::from(2),
+                                };
+                            }
+                        }
+                    }
+                    Ok(crate::coordination::Coordination::Bootstrap) => Coordination::Bootstrap,
+                    Ok(crate::coordination::Coordination::NoCredentials(why)) => {
+                        Coordination::NoCredentials(why)
+                    }
+                    Err(e) => Coordination::NoCredentials(format!("{e:#}")),
+                };
+                obs.coordination = Some(c);
+            }
+            Action::LookRebootReasons(system) => {
+                obs.reboot_reasons = Some(
+                    agent
+                        .nixos()
+                        .reboot_reasons(&system)
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect(),
+                );
+            }
+            // What a pass would do to the node, supposed done.
+            Action::WriteToken => obs.token_written = true,
+            Action::SetChannel(_) => obs.channel_set = Some(Ok(())),
+            Action::SavePrevious => obs.previous_saved = true,
+            Action::Land => obs.landed = true,
+            Action::Restore { .. } => obs.restored = true,
+            Action::Continue => {}
+            Action::Build { upgrade } => {
+                changes = true;
+                let build = if upgrade {
+                    "nixos-rebuild build --upgrade"
+                } else {
+                    "nixos-rebuild build"
+                };
+                rows.push((
+                    "plan",
+                    format!(
+                        "{}: write configuration.nix, {build}, then switch (or reboot) if the system differs",
+                        why.clone().unwrap_or_default()
+                    ),
+                ));
+                // Supposed to differ from what runs: a build is what would tell.
+                obs.built = Some(Ok(Built {
+                    system: "(the system the build gives)".into(),
+                    has_agent: true,
+                }));
+            }
+            Action::Inspect(system) => {
+                changes = true;
+                rows.push((
+                    "plan",
+                    format!(
+                        "{}: built before, waiting to switch to {system}",
+                        why.clone().unwrap_or_default()
+                    ),
+                ));
+                obs.built = Some(Ok(Built {
+                    has_agent: agent.nixos().has_agent(&system),
+                    system,
+                }));
+            }
+            Action::Cluster(ops) if ops.iter().all(|o| matches!(o, Op::LetGo { .. })) => {
+                obs.cluster_done = Some(ops);
+            }
+            Action::RecordApplied => obs.recorded = true,
+            Action::Switch | Action::Boot => {
+                rows.push((
+                    "switch",
+                    format!("directly, without the rollout lease: k3s has not joined a cluster on {host} yet (bootstrap)"),
+                ));
+                return Preview {
+                    rows,
+                    exit: ExitCode::from(2),
+                };
+            }
+            Action::LookHalt | Action::LookBlocker | Action::Acquire => {
+                rows.push((
+                    "switch",
+                    "under the rollout lease: gate, drain, switch, verify".to_string(),
+                ));
+                return Preview {
+                    rows,
+                    exit: ExitCode::from(2),
+                };
+            }
+            other => {
+                rows.push(("next", format!("{other:?} (phase {})", st.phase.name())));
+                return Preview {
+                    rows,
+                    exit: ExitCode::from(2),
+                };
+            }
+        }
+    }
+    rows.push(("plan", "cannot tell".into()));
+    Preview {
+        rows,
+        exit: ExitCode::FAILURE,
+    }
 }

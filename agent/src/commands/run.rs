@@ -108,6 +108,7 @@ fn pass(agent: &mut Agent) -> Option<Outcome> {
     crate::progress::pass_started();
     let result = agent.pass();
     crate::progress::pass_ended();
+    crate::memory::give_back();
     match result {
         Ok(o) => Some(o),
         Err(e) => {
@@ -227,8 +228,11 @@ async fn daemon(
         // Only a node waiting for the lease itself: one the gate stopped waits for its
         // next poll, or waiting nodes would hand the lease back and forth at once.
         let waiting = agent.waiting_for_lease;
+        let lease = agent.settings().lease.rollout_lease();
         let nudge = tokio::task::spawn_blocking(move || {
-            match crate::cluster::Cluster::connect(&kubeconfig, &host) {
+            match crate::cluster::Cluster::connect(&kubeconfig, &host)
+                .map(|c| c.map(|c| c.with_lease(lease)))
+            {
                 Ok(Some(c)) => c.wait_for_nudge(wait, waiting).ok().flatten(),
                 _ => None,
             }

@@ -45,7 +45,10 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             .as_ref()
             .and_then(|s| s.host.clone())
             .unwrap_or_else(|| host.hostname.clone().unwrap_or_default());
-        match crate::cluster::Cluster::connect(&args.agent.kubeconfig, &me)? {
+        let lease = args.agent.lease.rollout_lease();
+        match crate::cluster::Cluster::connect(&args.agent.kubeconfig, &me)?
+            .map(|c| c.with_lease(lease))
+        {
             Some(c) => Some(c.overview(st.as_ref().and_then(|s| s.lease_slots).unwrap_or(1))?),
             None => anyhow::bail!(
                 "no kubeconfig at {}: this node is not part of a cluster yet (or pass --kubeconfig)",

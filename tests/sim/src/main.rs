@@ -981,6 +981,32 @@ fn idle_report(api: &Api, machines: &mut [Machine], idle: Duration) -> anyhow::R
         cpu.as_secs_f64() / minutes / per_agent,
         cpu.as_secs_f64() / idle.as_secs_f64() / per_agent * 100.0
     );
+    // Resident memory of each idle agent, its API client and the Lease watch of its wait
+    // included (target: 12 MiB).
+    let kib = |pid: u32, key: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with(key))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let rss: Vec<u64> = pids.iter().filter_map(|p| kib(*p, "VmRSS:")).collect();
+    let peak: Vec<u64> = pids.iter().filter_map(|p| kib(*p, "VmHWM:")).collect();
+    if let (Some(max), Some(hwm)) = (rss.iter().max(), peak.iter().max()) {
+        let part = |key: &str| {
+            pids.iter().filter_map(|p| kib(*p, key)).max().unwrap_or(0) as f64 / 1024.0
+        };
+        println!(
+            "resident memory of an idle agent: {:.1} MiB at most (peak {:.1} MiB; of it {:.1} MiB anonymous, {:.1} MiB of the binary and libraries; target 12 MiB)",
+            *max as f64 / 1024.0,
+            *hwm as f64 / 1024.0,
+            part("RssAnon:"),
+            part("RssFile:"),
+        );
+    }
     for m in machines.iter_mut() {
         if let Some(mut c) = m.agent.take() {
             let _ = c.kill();

@@ -1,0 +1,166 @@
+//! Step 10: whether this node is healthy now, after a switch or a boot (fresh facts only),
+//! and the optional Ceph check.
+
+use std::time::{Duration, SystemTime};
+
+use nk3_common::inventory::HealthCheck;
+use nk3_common::lease;
+
+use crate::cluster::*;
+
+/// What makes "this node is healthy" a fact about now, not about before the switch.
+#[derive(Debug, Clone)]
+pub struct Fresh {
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+    /// When the switch (or the boot) happened: the kubelet must have heartbeaten since.
+    pub since: SystemTime,
+}
+
+impl Cluster {
+    /// The optional Ceph check: `ceph status` in the rook-ceph tools deployment, judged with
+    /// the inventory's tolerated warnings.
+    pub fn ceph_healthy(
+        &self,
+        ceph: &nk3_common::inventory::Ceph,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let mut cmd = std::process::Command::new(&self.kubectl);
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args([
+                "-n",
+                &ceph.namespace,
+                "exec",
+                &format!("deploy/{}", ceph.deployment),
+            ])
+            .args(["--", "ceph", "status", "--format", "json"]);
+        let out = crate::command::run(
+            cmd,
+            timeout.clamp(Duration::from_secs(30), Duration::from_secs(60)),
+        )
+        .map_err(|e| format!("ceph status: {e}"))?;
+        ceph.judge(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// One health check of the node after a switch: k3s active (through `systemctl`), the
+    /// API ready, this node Ready *now* (its Node reports this boot's id, and its kubelet
+    /// renewed its heartbeat after `fresh.since`: a Ready condition from before the switch
+    /// or the reboot proves nothing), every node that was Ready before still Ready and
+    /// heartbeating, and the inventory's own checks. `Err` says what is not healthy yet.
+    pub fn healthy(
+        &self,
+        systemctl: &std::path::Path,
+        ready_before: &[String],
+        rollout: &nk3_common::inventory::Rollout,
+        watch_namespaces: &[String],
+        fresh: &Fresh,
+        deadline: SystemTime,
+    ) -> Result<(), String> {
+        // Every probe is bounded by what is left of the health timeout: a check that hangs
+        // is stopped and counts as failed, never waited for.
+        let left = || {
+            deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                // Never less than a probe needs to answer at all: a verification resumed
+                // after its deadline judges the node now, with probes that can finish.
+                .max(Duration::from_secs(5))
+        };
+        let checks: &[HealthCheck] = &rollout.health_checks;
+        let mut is_active = std::process::Command::new(systemctl);
+        is_active.args(["is-active", "--quiet", "k3s.service"]);
+        if crate::command::run(is_active, left().min(Duration::from_secs(30))).is_err() {
+            return Err("k3s.service is not active".into());
+        }
+        if !self.kube.ready() {
+            return Err("the API is not ready (/readyz)".into());
+        }
+        let nodes = self.kube.nodes().map_err(|e| e.to_string())?;
+        let me = nodes
+            .iter()
+            .find(|n| name_of(n) == self.me)
+            .ok_or_else(|| format!("node {} is not registered", self.me))?;
+        let boot_id = me
+            .status
+            .as_ref()
+            .and_then(|s| s.node_info.as_ref())
+            .map(|i| i.boot_id.clone())
+            .unwrap_or_default();
+        if boot_id != fresh.boot_id {
+            return Err(format!(
+                "node {} has not reported this boot yet (its bootID is {:?}, this boot is {:?})",
+                self.me, boot_id, fresh.boot_id
+            ));
+        }
+        if !is_ready(me) {
+            return Err(format!("node {} is not Ready", self.me));
+        }
+        let heartbeats = self.heartbeats().map_err(|e| e.to_string())?;
+        match heartbeats.get(&self.me) {
+            Some((renewed, _)) if *renewed >= fresh.since => {}
+            _ => {
+                return Err(format!(
+                    "node {}'s kubelet has not renewed its heartbeat since the switch",
+                    self.me
+                ))
+            }
+        }
+        let now = SystemTime::now();
+        for n in ready_before.iter().filter(|n| **n != self.me) {
+            let ready = nodes
+                .iter()
+                .any(|node| name_of(node) == *n && is_ready(node));
+            let alive = heartbeats
+                .get(n)
+                .is_some_and(|(r, d)| lease::stale_heartbeat(*r, *d, now).is_none());
+            if !ready || !alive {
+                return Err(format!("node {n} was Ready before and is not now"));
+            }
+        }
+        for ns in watch_namespaces {
+            if let Some(why) = self.workloads_unhealthy(ns).map_err(|e| e.to_string())? {
+                return Err(why);
+            }
+        }
+        if let Some(c) = &rollout.ceph {
+            self.ceph_healthy(c, left())?;
+        }
+        for c in checks {
+            match c {
+                HealthCheck::Command { name, argv } => {
+                    let Some((p, args)) = argv.split_first() else {
+                        return Err(format!("health check {name} has no command"));
+                    };
+                    let mut cmd = std::process::Command::new(p);
+                    cmd.args(args);
+                    if let Err(e) = crate::command::run(cmd, left()) {
+                        return Err(match e.failure {
+                            crate::command::Failure::TimedOut => format!(
+                                "health check {name} did not finish within the health timeout; it was stopped"
+                            ),
+                            crate::command::Failure::NotStarted => {
+                                format!("health check {name} could not start: {}", e.tail)
+                            }
+                            crate::command::Failure::Exited => {
+                                format!("health check {name} failed ({})", e.status)
+                            }
+                        });
+                    }
+                }
+                HealthCheck::Http { name, url } => {
+                    let ok = reqwest::blocking::Client::builder()
+                        .timeout(left().min(Duration::from_secs(10)))
+                        .build()
+                        .ok()
+                        .and_then(|c| c.get(url).send().ok())
+                        .is_some_and(|r| r.status().is_success());
+                    if !ok {
+                        return Err(format!("health check {name} ({url}) failed"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
