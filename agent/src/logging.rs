@@ -1,7 +1,9 @@
 //! Logs for operators reading `journalctl -u nk3-agent`: one line per event, with the node
 //! (`host=`) and commit (`commit=`) in it.
 //!
-//! Under systemd (`JOURNAL_STREAM` set) there are no colours and no timestamps of our own
+//! Under systemd with journald listening, entries are sent to the journal natively (see
+//! [`init`]). Else, under systemd (`JOURNAL_STREAM` set), there are no colours and no
+//! timestamps of our own
 //! (the journal adds its own), and each line starts with its syslog priority (`<3>` error,
 //! `<4>` warning, `<6>` info, `<7>` debug), which journald reads as the entry's priority.
 //! In a terminal, lines carry the time and the level.
@@ -13,9 +15,28 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// Installs the subscriber for `level` and more severe. Logs go to stderr.
+/// Installs the subscriber for `level` and more severe. Under systemd with journald to
+/// talk to, entries go to the journal natively, one entry per event (a diff is one), with
+/// the node and commit as fields of their own: `journalctl -u nk3-agent
+/// NK3_COMMIT=<12 characters>` lists one commit's story, `NK3_HOST=` one node's. Otherwise
+/// logs go to stderr.
 pub fn init(level: Level) {
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    if journal {
+        // The socket is checked when the layer is made: none (a container, a test), and the
+        // stream below is used.
+        if let Ok(layer) = tracing_journald::layer() {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            use tracing_subscriber::util::SubscriberInitExt as _;
+            use tracing_subscriber::Layer as _;
+            let layer = layer
+                .with_field_prefix(Some("NK3".into()))
+                .with_syslog_identifier("nk3-agent".into())
+                .with_filter(tracing_subscriber::filter::LevelFilter::from_level(level));
+            tracing_subscriber::registry().with(layer).init();
+            return;
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)

@@ -547,6 +547,100 @@ fn status_and_plan_tell_an_operator_what_is_going_on() {
     assert_eq!(node.state()["applied"], json["state"]["applied"]);
 }
 
+/// Fields of the journal's native protocol in one datagram: `KEY=value` lines, or `KEY`, a
+/// little-endian length and the value, for values with line breaks.
+fn journal_fields(mut d: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while !d.is_empty() {
+        let line_end = d.iter().position(|b| *b == b'\n').unwrap_or(d.len());
+        let line = &d[..line_end];
+        if let Some(eq) = line.iter().position(|b| *b == b'=') {
+            out.push((
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            ));
+            d = &d[(line_end + 1).min(d.len())..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let rest = &d[line_end + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            out.push((key, String::from_utf8_lossy(&rest[8..8 + len]).into_owned()));
+            d = &rest[(8 + len + 1).min(rest.len())..];
+        }
+    }
+    out
+}
+
+#[test]
+fn under_journald_entries_carry_the_node_and_the_commit_as_fields_of_their_own() {
+    let repo = Repo::with_inventory(&inventory(""));
+    let node = converged(&repo);
+    // journald's socket, in a mount namespace of the agent's own (/run there is a tmpfs with
+    // this directory as /run/systemd/journal): nothing of the machine's is touched.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = std::os::unix::net::UnixDatagram::bind(dir.path().join("socket")).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let agent = node.agent(&["run", "--once"]);
+    let mut c = std::process::Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal \
+             && mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+        )
+        .arg(dir.path())
+        .arg(agent.get_program())
+        .args(agent.get_args())
+        .env("JOURNAL_STREAM", "8:12345");
+    if let Some(d) = agent.get_current_dir() {
+        c.current_dir(d);
+    }
+    for (k, v) in agent.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let mut child = c.spawn().expect("unshare (util-linux) runs");
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let status = loop {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if n > 0 {
+                entries.push(journal_fields(&buf[..n]));
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            while let Ok(n) = sock.recv(&mut buf) {
+                entries.push(journal_fields(&buf[..n]));
+            }
+            break status;
+        }
+    };
+    assert!(status.success(), "{status} ({} entries)", entries.len());
+    let entry = entries
+        .iter()
+        .find(|e| {
+            e.iter()
+                .any(|(k, v)| k == "MESSAGE" && v.starts_with("No action needed on "))
+        })
+        .unwrap_or_else(|| panic!("no entry said No action needed: {entries:?}"));
+    let field = |key: &str| {
+        entry
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(field("NK3_HOST"), Some(HOST3), "{entry:?}");
+    assert_eq!(field("NK3_COMMIT"), Some(&repo.head()[..12]), "{entry:?}");
+    assert_eq!(
+        field("PRIORITY"),
+        Some("5"),
+        "info is journald's notice: {entry:?}"
+    );
+    assert_eq!(field("SYSLOG_IDENTIFIER"), Some("nk3-agent"), "{entry:?}");
+}
+
 #[test]
 fn under_systemd_lines_carry_priority_host_and_commit_and_no_timestamp() {
     let repo = Repo::with_inventory(&inventory(""));

@@ -996,9 +996,8 @@ fn idle_report(api: &Api, machines: &mut [Machine], idle: Duration) -> anyhow::R
     let rss: Vec<u64> = pids.iter().filter_map(|p| kib(*p, "VmRSS:")).collect();
     let peak: Vec<u64> = pids.iter().filter_map(|p| kib(*p, "VmHWM:")).collect();
     if let (Some(max), Some(hwm)) = (rss.iter().max(), peak.iter().max()) {
-        let part = |key: &str| {
-            pids.iter().filter_map(|p| kib(*p, key)).max().unwrap_or(0) as f64 / 1024.0
-        };
+        let part =
+            |key: &str| pids.iter().filter_map(|p| kib(*p, key)).max().unwrap_or(0) as f64 / 1024.0;
         println!(
             "resident memory of an idle agent: {:.1} MiB at most (peak {:.1} MiB; of it {:.1} MiB anonymous, {:.1} MiB of the binary and libraries; target 12 MiB)",
             *max as f64 / 1024.0,
