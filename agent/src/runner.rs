@@ -299,15 +299,9 @@ impl Agent {
                 let repo = p.repo.take().expect("opened");
                 let head = self.fetch(&repo);
                 p.repo = Some(repo);
-                let head = head?;
-                // A fetch that failed gives the last commit taken, which is no fact about the
-                // head now: the pass stops (the lease is given back by the next one).
-                if let Some(problem) = &self.state.source_problem {
-                    anyhow::bail!(
-                        "cannot look at the branch's head with the lease held: {problem}"
-                    );
-                }
-                p.obs.head_held = Some(head.ok_or_else(|| anyhow!("no commit fetched"))?);
+                // A git server that is down does not stop a rollout under way: the head is
+                // then the last commit taken (and a halt of it is still seen in the API).
+                p.obs.head_held = Some(head?.ok_or_else(|| anyhow!("no commit fetched"))?);
             }
             Action::Replan => {
                 let now = self.clock().now();
@@ -466,6 +460,14 @@ impl Agent {
                 for op in ops.clone() {
                     self.op(p, op)?;
                 }
+                // A lease given back is renewed no more.
+                if ops
+                    .iter()
+                    .any(|o| matches!(o, Op::Release(_) | Op::LetGo { .. }))
+                {
+                    p.renewer = None;
+                    p.obs.renewing = false;
+                }
                 p.obs.cluster_done = Some(ops);
             }
             Action::Switch => o.switched = Some(self.nixos().switch().map_err(|e| failed(&e))),
@@ -523,8 +525,12 @@ impl Agent {
             Op::Release(lease) => self.need_cluster(p)?.release(&lease)?,
             Op::SetHalt { commit, reason } => {
                 let c = self.need_cluster(p)?;
+                // A halted commit this clone does not have is newer than what it has seen:
+                // its halt stays.
                 let newer_halted = match c.halt()? {
-                    Some(h) if h.commit != commit => self.descends(p, &h.commit, &commit)?,
+                    Some(h) if h.commit != commit => {
+                        self.descends(p, &h.commit, &commit)?.unwrap_or(true)
+                    }
                     _ => false,
                 };
                 if !newer_halted {
@@ -534,7 +540,7 @@ impl Agent {
             Op::LiftOlderHalt(commit) => {
                 let c = self.need_cluster(p)?;
                 if let Some(h) = c.halt()? {
-                    if h.commit != commit && self.descends(p, &commit, &h.commit)? {
+                    if h.commit != commit && self.descends(p, &commit, &h.commit)? == Some(true) {
                         // A newer commit made it through: the old halt no longer applies.
                         c.lift_halt()?;
                     }
@@ -544,14 +550,17 @@ impl Agent {
         Ok(())
     }
 
-    /// Whether commit `a` descends from commit `b` in the clone (a commit the clone does
-    /// not have is no descendant).
-    fn descends(&mut self, p: &mut Pass, a: &str, b: &str) -> anyhow::Result<bool> {
+    /// Whether commit `a` descends from commit `b`, if the clone has both (`None`: it
+    /// cannot tell).
+    fn descends(&mut self, p: &mut Pass, a: &str, b: &str) -> anyhow::Result<Option<bool>> {
         let repo = self.repo(p)?;
         let (Ok(a), Ok(b)) = (git2::Oid::from_str(a), git2::Oid::from_str(b)) else {
-            return Ok(false);
+            return Ok(None);
         };
-        Ok(repo.graph_descendant_of(a, b).unwrap_or(false))
+        if repo.find_commit(a).is_err() || repo.find_commit(b).is_err() {
+            return Ok(None);
+        }
+        Ok(repo.graph_descendant_of(a, b).ok())
     }
 
     /// Steps 1 to 3: the head commit and what it declares for this machine.

@@ -262,8 +262,25 @@ pub struct State {
     /// A lease slot may be this node's in the API without a hold on disk: how many slots
     /// there were when it was asked for. Written before the lease is asked for, cleared
     /// once the hold is on disk or the slots given back. A pass interrupted in between
-    /// gives them back before it does anything else.
+    /// gives them back before it does anything else. (Read from a `true`/`false` too, as
+    /// development builds wrote it.)
+    #[serde(deserialize_with = "claimed")]
     pub lease_claimed: Option<u32>,
+}
+
+/// `lease_claimed` as a slot count, or as the flag it once was.
+fn claimed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Claimed {
+        Slots(u32),
+        Flag(bool),
+    }
+    Ok(match Option::<Claimed>::deserialize(d)? {
+        None | Some(Claimed::Flag(false)) => None,
+        Some(Claimed::Flag(true)) => Some(1),
+        Some(Claimed::Slots(n)) => Some(n),
+    })
 }
 
 /// A rollout lease's holder record, as this agent saw it.
@@ -314,5 +331,25 @@ impl Default for State {
             previous_mode: None,
             lease_claimed: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_claim_reads_as_a_slot_count_or_as_the_flag_it_was() {
+        let read = |v: &str| {
+            serde_json::from_str::<State>(&format!("{{\"version\":1,\"lease_claimed\":{v}}}"))
+                .unwrap()
+                .lease_claimed
+        };
+        assert_eq!(read("3"), Some(3));
+        assert_eq!(read("true"), Some(1));
+        assert_eq!(read("false"), None);
+        assert_eq!(read("null"), None);
+        let none: State = serde_json::from_str("{\"version\":1}").unwrap();
+        assert_eq!(none.lease_claimed, None);
     }
 }

@@ -262,6 +262,7 @@ fn preview(agent: &Agent, repo: &Repository, plan: Plan, target: Option<&Target>
                 obs.cluster_done = Some(ops);
             }
             Action::RecordApplied => obs.recorded = true,
+            Action::Renew(_) => obs.renewed = true,
             Action::Switch | Action::Boot => {
                 rows.push((
                     "switch",

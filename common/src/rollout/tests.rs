@@ -914,3 +914,59 @@ fn a_rollback_reboot_given_up_for_a_lost_lease_verifies_the_rollback() {
         "{step:?}"
     );
 }
+
+/// From the review: a commit halted while this node drained is refused once the node and
+/// the lease are given back, without asking again for the lease it no longer holds (which
+/// would take it for lost).
+#[test]
+fn a_commit_halted_during_the_drain_is_refused_after_giving_back_not_taken_for_a_lost_lease() {
+    let s = state(Phase::Draining {
+        commit: C.into(),
+        system: NEW.into(),
+        hold: hold(),
+    });
+    let halted = |at: SystemTime| Confirmed {
+        at,
+        lost: None,
+        halt: Some(Halt {
+            commit: C.into(),
+            reason: "unhealthy".into(),
+            node: "node-2".into(),
+        }),
+    };
+    let give_back = vec![
+        Op::Uncordon {
+            was_unschedulable: false,
+        },
+        Op::Release("nk3-rollout".into()),
+    ];
+    let base = |o: &mut Observation| {
+        o.resumed = false;
+        o.plan = Some(apply_plan());
+        o.renewing = true;
+        o.cordoned = Some(false);
+    };
+    let step = next_action(
+        &s,
+        &obs(|o| {
+            base(o);
+            o.lease_confirmed = Some(halted(t0() + Duration::from_secs(10)));
+        }),
+    );
+    assert_eq!(step.action, Action::Cluster(give_back.clone()));
+    // Given back, and the confirmation long stale by now: no new one is asked for.
+    let step = next_action(
+        &s,
+        &obs(|o| {
+            base(o);
+            o.lease_confirmed = Some(halted(t0() - Duration::from_secs(60)));
+            o.cluster_done = Some(give_back.clone());
+            o.machine = Some(machine("boot-1", OLD));
+        }),
+    );
+    assert_eq!(
+        step.action,
+        Action::Restore { had_previous: true },
+        "{step:?}"
+    );
+}

@@ -243,14 +243,13 @@ impl Decide<'_> {
             Some(Ok(ready)) => ready,
         };
         // Still this node's, and the commit not halted meanwhile, just before the cordon.
+        if let Some(h) = self.halted_meanwhile(commit) {
+            return self.halted(commit, settings, &h.node, &h.reason);
+        }
         match self.confirmed(lease) {
-            Ok(()) => {
-                if let Some(h) = self.halted_meanwhile(commit) {
-                    return self.halted(commit, settings, &h.node, &h.reason);
-                }
-            }
-            Err(Some(step)) => return step,
-            Err(None) => {
+            Ok(()) if o.lease_lost.is_none() => {}
+            Err(Some(step)) if o.lease_lost.is_none() => return step,
+            _ => {
                 let why = self.lost().unwrap_or_default();
                 let msg = format!("lost the rollout lease before draining ({why}); will try again");
                 return self
@@ -324,10 +323,7 @@ impl Decide<'_> {
     pub(super) fn draining(&self, commit: &str, system: &str, hold: &Hold) -> Step {
         let o = self.o;
         if o.resumed {
-            return Step::to(Action::Continue).save(self.with(Phase::Built {
-                commit: commit.to_string(),
-                system: system.to_string(),
-            }));
+            return Step::to(Action::Continue).save(self.back_to_built(commit, system));
         }
         let settings = match self.settings(commit) {
             Ok(s) => s,
@@ -354,12 +350,7 @@ impl Decide<'_> {
                 return step;
             }
         }
-        let back = || {
-            self.with(Phase::Built {
-                commit: commit.to_string(),
-                system: system.to_string(),
-            })
-        };
+        let back = || self.back_to_built(commit, system);
         match &o.drained {
             None => return Step::to(Action::Drain(settings.drain_timeout)),
             Some(Err(why)) => {

@@ -156,15 +156,6 @@ struct Decide<'a> {
     now: SystemTime,
 }
 
-/// How many slots a lease name implies: `nk3-rollout-2` is the third.
-fn slots_of(lease: &str) -> u32 {
-    lease
-        .rsplit('-')
-        .next()
-        .and_then(|n| n.parse::<u32>().ok())
-        .map_or(1, |n| n.saturating_add(1))
-}
-
 /// `d` after `t`, or the farthest time there is (durations are bounded when read, but a
 /// decision never panics on one).
 fn after(t: SystemTime, d: Duration) -> SystemTime {
@@ -229,13 +220,22 @@ impl Decide<'_> {
             p => p
                 .hold()
                 .filter(|_| phase.hold().is_none())
-                .map(|h| slots_of(&h.lease)),
+                .map(|_| self.s.lease_slots.unwrap_or(1)),
         };
         State {
             phase,
             lease_claimed: self.s.lease_claimed.max(claimed),
             ..self.s.clone()
         }
+    }
+
+    /// The state that goes through the rollout of `commit`'s built `system` again, from the
+    /// lease on (a hold it had becomes a claim: see [`Decide::with`]).
+    fn back_to_built(&self, commit: &str, system: &str) -> State {
+        self.with(Phase::Built {
+            commit: commit.to_string(),
+            system: system.to_string(),
+        })
     }
 
     /// The settings of `commit`: the plan's when it is about that commit, else read.
@@ -285,7 +285,13 @@ impl Decide<'_> {
     fn confirmed(&self, lease: &str) -> Result<(), Option<Step>> {
         match &self.o.lease_confirmed {
             Some(c) if c.lost.is_some() => Err(None),
-            Some(c) if self.now.duration_since(c.at).unwrap_or_default() <= CONFIRMED_WITHIN => {
+            // A clock that stepped back makes it stale, not fresh.
+            Some(c)
+                if self
+                    .now
+                    .duration_since(c.at)
+                    .is_ok_and(|d| d <= CONFIRMED_WITHIN) =>
+            {
                 Ok(())
             }
             _ => Err(Some(Step::to(Action::ConfirmLease(lease.to_string())))),
@@ -313,18 +319,24 @@ impl Decide<'_> {
         what: &str,
         halt_stops: bool,
     ) -> Option<Step> {
+        let give_back = vec![
+            Op::Uncordon {
+                was_unschedulable: hold.was_unschedulable,
+            },
+            Op::Release(hold.lease.clone()),
+        ];
+        // Halted meanwhile and given back already: refused, without asking for the lease
+        // that is no longer held.
+        if let Some(h) = self.halted_meanwhile(commit).filter(|_| halt_stops) {
+            if self.o.cluster_done.as_ref() == Some(&give_back) {
+                return Some(self.halted_after_release(commit, &h.node, &h.reason));
+            }
+        }
         match self.confirmed(&hold.lease) {
             Ok(()) if self.o.lease_lost.is_none() => {
-                let h = self.halted_meanwhile(commit).filter(|_| halt_stops)?;
-                if let Some(step) = self.unless_done(vec![
-                    Op::Uncordon {
-                        was_unschedulable: hold.was_unschedulable,
-                    },
-                    Op::Release(hold.lease.clone()),
-                ]) {
-                    return Some(step.annotate(None, "idle"));
-                }
-                return Some(self.halted_after_release(commit, &h.node, &h.reason));
+                self.halted_meanwhile(commit).filter(|_| halt_stops)?;
+                let step = self.unless_done(give_back)?;
+                return Some(step.annotate(None, "idle"));
             }
             Err(Some(step)) if self.o.lease_lost.is_none() => return Some(step),
             _ => {}
@@ -337,10 +349,7 @@ impl Decide<'_> {
         let why = self.lost().unwrap_or_default();
         let host = self.host();
         let msg = format!("lost the rollout lease before {what} ({why}); uncordoned {host} without it, will go through the rollout again");
-        let back = self.with(Phase::Built {
-            commit: commit.to_string(),
-            system: system.to_string(),
-        });
+        let back = self.back_to_built(commit, system);
         Some(
             Step::to(finish(Outcome::Waiting))
                 .save(self.ended(back, Outcome::Waiting, Some(commit), &msg))

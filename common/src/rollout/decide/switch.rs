@@ -62,10 +62,7 @@ impl Decide<'_> {
             }
             // Not known to have happened: from the build on again (the lease, if held, is
             // still this node's; the cordon is recognised as nk3's).
-            return Step::to(Action::Continue).save(self.with(Phase::Built {
-                commit: commit.to_string(),
-                system: system.to_string(),
-            }));
+            return Step::to(Action::Continue).save(self.back_to_built(commit, system));
         }
         let settings = match self.settings(commit) {
             Ok(s) => s,
