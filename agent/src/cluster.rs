@@ -35,6 +35,10 @@ pub const HALTED_COMMIT: &str = "nk3.io/halted-commit";
 pub const HALTED_REASON: &str = "nk3.io/halted-reason";
 /// Lease annotation: which node halted it.
 pub const HALTED_NODE: &str = "nk3.io/halted-node";
+/// Lease annotation: the newer commit that got through after the halt. The halt stays on
+/// record (the halted commit is still applied by nobody, a node behind included); it only
+/// says the rollout has moved on.
+pub const HALT_LIFTED_BY: &str = "nk3.io/halt-lifted-by";
 /// Lease annotation set by `nk3-agent nudge` (or CI): fetch now.
 pub const DESIRED_COMMIT: &str = "nk3.io/desired-commit";
 
@@ -58,6 +62,8 @@ pub struct Halt {
     pub reason: String,
     /// The node that halted it.
     pub node: String,
+    /// The newer commit that got through since, if one did.
+    pub lifted_by: Option<String>,
 }
 
 /// Why it is not safe to disrupt this node now.
@@ -132,6 +138,7 @@ impl Cluster {
             commit: c.clone(),
             reason: a.get(HALTED_REASON).cloned().unwrap_or_default(),
             node: a.get(HALTED_NODE).cloned().unwrap_or_default(),
+            lifted_by: a.get(HALT_LIFTED_BY).cloned(),
         }))
     }
 
@@ -352,6 +359,8 @@ pub struct Overview {
     pub leases: BTreeMap<String, Option<String>>,
     /// The halted commit, if any.
     pub halted: Option<(String, String, String)>,
+    /// The newer commit that got through since the halt, if one did.
+    pub halt_lifted_by: Option<String>,
 }
 
 impl Cluster {
@@ -384,11 +393,14 @@ impl Cluster {
                 leases.insert(name, claim(&l).holder.filter(|h| !h.is_empty()));
             }
         }
-        let halted = self.halt()?.map(|h| (h.commit, h.node, h.reason));
+        let halt = self.halt()?;
+        let halt_lifted_by = halt.as_ref().and_then(|h| h.lifted_by.clone());
+        let halted = halt.map(|h| (h.commit, h.node, h.reason));
         Ok(Overview {
             nodes,
             leases,
             halted,
+            halt_lifted_by,
         })
     }
 }

@@ -415,11 +415,20 @@ fn halts_are_shared_and_lifted() {
         Some(Halt {
             commit: "abc".into(),
             reason: "node a never got Ready".into(),
-            node: "a".into()
+            node: "a".into(),
+            lifted_by: None,
         })
     );
-    b.lift_halt().unwrap();
-    assert_eq!(a.halt().unwrap(), None);
+    // Lifted, the halt stays on record: the commit is still refused by a node behind.
+    b.lift_halt("def").unwrap();
+    let h = a.halt().unwrap().expect("still on record");
+    assert_eq!(
+        (h.commit.as_str(), h.lifted_by.as_deref()),
+        ("abc", Some("def"))
+    );
+    // A new halt starts over.
+    a.set_halt("ghi", "unhealthy").unwrap();
+    assert_eq!(b.halt().unwrap().and_then(|h| h.lifted_by), None);
 }
 
 #[test]

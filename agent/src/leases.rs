@@ -465,6 +465,7 @@ impl Cluster {
             (HALTED_COMMIT, Some(commit)),
             (HALTED_REASON, Some(&reason)),
             (HALTED_NODE, Some(&self.me)),
+            (HALT_LIFTED_BY, None),
         ])
     }
 
@@ -546,12 +547,8 @@ impl Cluster {
     }
 
     /// Lifts a halt (a newer commit was applied).
-    pub fn lift_halt(&self) -> Result<(), KubeError> {
-        self.annotate_lease(&[
-            (HALTED_COMMIT, None),
-            (HALTED_REASON, None),
-            (HALTED_NODE, None),
-        ])
+    pub fn lift_halt(&self, by: &str) -> Result<(), KubeError> {
+        self.annotate_lease(&[(HALT_LIFTED_BY, Some(by))])
     }
 
     /// Keeps `lease` renewed from a thread of its own until the returned guard is dropped

@@ -540,9 +540,13 @@ impl Agent {
             Op::LiftOlderHalt(commit) => {
                 let c = self.need_cluster(p)?;
                 if let Some(h) = c.halt()? {
-                    if h.commit != commit && self.descends(p, &commit, &h.commit)? == Some(true) {
-                        // A newer commit made it through: the old halt no longer applies.
-                        c.lift_halt()?;
+                    let newer = h.commit != commit
+                        && h.lifted_by.is_none()
+                        && self.descends(p, &commit, &h.commit)? == Some(true);
+                    if newer {
+                        // A newer commit made it through: the rollout has moved on (the
+                        // halted commit stays halted).
+                        c.lift_halt(&commit)?;
                     }
                 }
             }

@@ -845,14 +845,8 @@ impl World {
                     });
                 })
             }
-            Op::LiftOlderHalt(commit) => self.api(|w| {
-                if w.halt
-                    .as_ref()
-                    .is_some_and(|h| w.index(&commit) > w.index(&h.commit))
-                {
-                    w.halt = None;
-                }
-            }),
+            // The halt stays on record, marked lifted: nothing for the decision changes.
+            Op::LiftOlderHalt(_) => self.api(|_| ()),
         }
     }
 

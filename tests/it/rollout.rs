@@ -395,11 +395,16 @@ fn an_unhealthy_generation_rolls_back_and_halts_the_commit_for_everyone() {
         .calls("nixos-rebuild")
         .iter()
         .any(|c| c.starts_with("switch") || c.starts_with("boot")));
-    // A newer commit lifts the halt.
+    // A newer commit lifts the halt: the rollout moves on, and the halted commit stays
+    // halted (a node behind still refuses it).
     let fixed = repo.commit("inventory.yaml", &dns(&inventory(""), "9.9.9.9"), "fixed");
     n3.pass_ok();
     assert_eq!(n3.state()["applied"], fixed.as_str());
-    assert!(lease(&api)["metadata"]["annotations"]["nk3.io/halted-commit"].is_null());
+    let a = &lease(&api)["metadata"]["annotations"];
+    assert_eq!(a["nk3.io/halted-commit"], bad.as_str());
+    assert_eq!(a["nk3.io/halt-lifted-by"], fixed.as_str());
+    let status = stdout(&run(&mut n3.agent(&["status", "--cluster"])));
+    assert!(status.contains("lifted: the newer commit"), "{status}");
     n4.pass_ok();
     assert_eq!(n4.state()["applied"], fixed.as_str());
 }

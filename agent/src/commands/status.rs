@@ -182,7 +182,14 @@ fn print_cluster(o: &crate::cluster::Overview) {
         println!("lease {lease}: {}", holder.as_deref().unwrap_or("free"));
     }
     if let Some((commit, node, reason)) = &o.halted {
-        println!("HALTED commit {} by {node}: {reason}", short(Some(commit)));
+        match &o.halt_lifted_by {
+            None => println!("HALTED commit {} by {node}: {reason}", short(Some(commit))),
+            Some(by) => println!(
+                "halted commit {} by {node}: {reason} (lifted: the newer commit {} got through)",
+                short(Some(commit)),
+                short(Some(by))
+            ),
+        }
     }
 }
 

@@ -362,8 +362,9 @@ pub enum Op {
         /// Why.
         reason: String,
     },
-    /// Lifts the halt on record if it is of an older commit (one this commit descends
-    /// from): a newer commit got through. An older commit finishing late lifts nothing.
+    /// Marks the halt on record lifted if it is of an older commit (one this commit
+    /// descends from): a newer commit got through. The halted commit stays halted, for a
+    /// node behind too; an older commit finishing late lifts nothing.
     LiftOlderHalt(String),
 }
 
