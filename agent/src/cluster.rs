@@ -53,6 +53,16 @@ pub struct Cluster {
     pub(crate) lease: RolloutLease,
 }
 
+impl From<Halt> for nk3_common::rollout::Halt {
+    fn from(h: Halt) -> Self {
+        nk3_common::rollout::Halt {
+            commit: h.commit,
+            reason: h.reason,
+            node: h.node,
+        }
+    }
+}
+
 /// A commit halted cluster-wide.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Halt {

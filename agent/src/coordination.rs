@@ -21,6 +21,25 @@ pub(crate) enum Coordination {
     NoCredentials(String),
 }
 
+impl Coordination {
+    /// What the decision sees of it, and the cluster when there is one: for a member with a
+    /// kubeconfig, `refusal` says whether its credentials may run a whole rollout.
+    pub(crate) fn fact(
+        self,
+        refusal: impl FnOnce(&Cluster) -> anyhow::Result<Option<String>>,
+    ) -> anyhow::Result<(nk3_common::rollout::Coordination, Option<Arc<Cluster>>)> {
+        use nk3_common::rollout::Coordination as C;
+        Ok(match self {
+            Coordination::Lease(cluster) => match refusal(&cluster)? {
+                None => (C::Lease, Some(cluster)),
+                Some(why) => (C::NoCredentials(why), Some(cluster)),
+            },
+            Coordination::Bootstrap => (C::Bootstrap, None),
+            Coordination::NoCredentials(why) => (C::NoCredentials(why), None),
+        })
+    }
+}
+
 impl Agent {
     /// The cluster this node belongs to, or `None` before its k3s ever ran (bootstrap: no
     /// kubeconfig yet), when it applies without the lease.

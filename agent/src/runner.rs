@@ -11,8 +11,8 @@ use anyhow::{anyhow, Context as _};
 use git2::Repository;
 use nk3_common::inventory::Inventory;
 use nk3_common::rollout::{
-    self, next_action, Action, Built, Claim, Coordination, Failed, Halt, Level, Machine,
-    Observation, Op, Plan, Settings, Step,
+    self, next_action, Action, Built, Claim, Failed, Halt, Level, Machine, Observation, Op, Plan,
+    Settings, Step,
 };
 use tracing::{debug, error, info, warn};
 
@@ -58,19 +58,6 @@ fn build_failed(e: &crate::command::CommandFailed) -> Failed {
         f.message = e.tail.clone();
     }
     f
-}
-
-/// The rollout settings of a node of `inv`.
-pub(crate) fn settings_of(inv: &Inventory, host: &str) -> Settings {
-    let r = &inv.rollout;
-    Settings {
-        host: host.to_string(),
-        reboot: r.reboot,
-        max_unavailable: r.max_unavailable,
-        lease_duration: r.lease_duration,
-        drain_timeout: r.drain_timeout,
-        health_timeout: r.health_timeout,
-    }
 }
 
 impl Agent {
@@ -233,11 +220,6 @@ impl Agent {
         Ok(inv)
     }
 
-    /// The rollout settings and watched namespaces of `commit`.
-    fn rollout_of(&mut self, p: &mut Pass) -> anyhow::Result<Inventory> {
-        self.phase_inventory(p)
-    }
-
     fn act(&mut self, p: &mut Pass, action: Action) -> anyhow::Result<Option<Outcome>> {
         let o = &mut p.obs;
         match action {
@@ -251,7 +233,9 @@ impl Agent {
             }
             Action::LookSettings => {
                 let host = self.state.host.clone().unwrap_or_default();
-                let r = self.phase_inventory(p).map(|inv| settings_of(&inv, &host));
+                let r = self
+                    .phase_inventory(p)
+                    .map(|inv| Settings::of(&host, &inv.rollout));
                 p.obs.settings = Some(r.map_err(|e| format!("{e:#}")));
             }
             Action::LookPlan => self.look_plan(p)?,
@@ -264,30 +248,17 @@ impl Agent {
             }
             Action::LookCoordination => {
                 let t = p.target.as_ref().ok_or_else(|| anyhow!("no plan"))?;
-                let host = t.host.clone();
-                let c = match self.coordination(&host)? {
-                    crate::coordination::Coordination::Lease(cluster) => {
-                        let refusal = self.refused_access(t, &cluster)?;
-                        p.cluster = Some(Some(cluster));
-                        match refusal {
-                            None => Coordination::Lease,
-                            Some(why) => Coordination::NoCredentials(why),
-                        }
-                    }
-                    crate::coordination::Coordination::Bootstrap => Coordination::Bootstrap,
-                    crate::coordination::Coordination::NoCredentials(why) => {
-                        Coordination::NoCredentials(why)
-                    }
-                };
+                let (c, cluster) = self
+                    .coordination(&t.host)?
+                    .fact(|cluster| self.refused_access(t, cluster))?;
+                if cluster.is_some() {
+                    p.cluster = Some(cluster);
+                }
                 p.obs.coordination = Some(c);
             }
             Action::LookHalt | Action::LookHaltHeld => {
                 let c = self.need_cluster(p)?;
-                let h = c.halt()?.map(|h| Halt {
-                    commit: h.commit,
-                    reason: h.reason,
-                    node: h.node,
-                });
+                let h = c.halt()?.map(Halt::from);
                 if action == Action::LookHalt {
                     p.obs.halt = Some(h);
                 } else {
@@ -399,11 +370,7 @@ impl Agent {
                     }) if reason == "LeaseLost" => Some(message),
                     Err(e) => return Err(e.into()),
                 };
-                let halt = c.halt()?.map(|h| Halt {
-                    commit: h.commit,
-                    reason: h.reason,
-                    node: h.node,
-                });
+                let halt = c.halt()?.map(Halt::from);
                 p.obs.lease_confirmed = Some(rollout::Confirmed {
                     at: self.clock().now(),
                     lost,
@@ -482,7 +449,7 @@ impl Agent {
                 deadline,
             } => {
                 let c = self.need_cluster(p)?;
-                let inv = self.rollout_of(p)?;
+                let inv = self.phase_inventory(p)?;
                 let systemctl = self.settings().systemctl.clone();
                 // The boot id is read at each look: it is this boot's the kubelet must
                 // report.
@@ -657,7 +624,7 @@ impl Agent {
             Some(t) if Some(t.commit.as_str()) == self.state.phase.commit() => {
                 t.rollout.lease_duration
             }
-            _ => self.rollout_of(p)?.rollout.lease_duration,
+            _ => self.phase_inventory(p)?.rollout.lease_duration,
         })
     }
 
@@ -669,13 +636,6 @@ impl Agent {
 impl Target {
     /// The rollout settings of this node at this commit.
     pub(crate) fn settings(&self) -> Settings {
-        Settings {
-            host: self.host.clone(),
-            reboot: self.rollout.reboot,
-            max_unavailable: self.rollout.max_unavailable,
-            lease_duration: self.rollout.lease_duration,
-            drain_timeout: self.rollout.drain_timeout,
-            health_timeout: self.rollout.health_timeout,
-        }
+        Settings::of(&self.host, &self.rollout)
     }
 }

@@ -8,13 +8,12 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use git2::Repository;
 use nk3_common::rollout::{
-    next_action, Action, Built, Coordination, Machine, Observation, Op, Plan,
+    next_action, Action, Built, Coordination, Machine, Observation, Op, Plan, Settings,
 };
 
 use crate::cli::AgentArgs;
 use crate::effects::Clock as _;
 use crate::reconcile::{Agent, Decision, Target};
-use crate::runner::settings_of;
 use crate::state::{self, Outcome};
 
 /// Prints the plan. Exit 0 when the node would be left as it is, 2 when a pass would
@@ -175,35 +174,26 @@ fn preview(agent: &Agent, repo: &Repository, plan: Plan, target: Option<&Target>
                     .commit()
                     .ok_or_else(|| anyhow!("no rollout under way"))
                     .and_then(|c| agent.inventory_at(repo, c))
-                    .map(|inv| settings_of(&inv, st.host.as_deref().unwrap_or_default()));
+                    .map(|inv| Settings::of(st.host.as_deref().unwrap_or_default(), &inv.rollout));
                 obs.settings = Some(r.map_err(|e| format!("{e:#}")));
             }
             Action::LookCoordination => {
                 let Some(t) = target else { break };
                 let c = match agent.coordination(&t.host) {
-                    Ok(crate::coordination::Coordination::Lease(cluster)) => {
-                        match agent.access_refusal(t, &cluster) {
-                            Ok(None) => Coordination::Lease,
-                            Ok(Some(why)) => Coordination::NoCredentials(why),
-                            Err(e) => {
-                                rows.push((
-                                    "switch",
-                                    format!(
-                                        "under the rollout lease, once the k3s API answers ({e})"
-                                    ),
-                                ));
-                                return Preview {
-                                    rows,
-                                    exit: ExitCode::from(2),
-                                };
-                            }
-                        }
-                    }
-                    Ok(crate::coordination::Coordination::Bootstrap) => Coordination::Bootstrap,
-                    Ok(crate::coordination::Coordination::NoCredentials(why)) => {
-                        Coordination::NoCredentials(why)
-                    }
                     Err(e) => Coordination::NoCredentials(format!("{e:#}")),
+                    Ok(c) => match c.fact(|cluster| agent.access_refusal(t, cluster)) {
+                        Ok((c, _)) => c,
+                        Err(e) => {
+                            rows.push((
+                                "switch",
+                                format!("under the rollout lease, once the k3s API answers ({e})"),
+                            ));
+                            return Preview {
+                                rows,
+                                exit: ExitCode::from(2),
+                            };
+                        }
+                    },
                 };
                 obs.coordination = Some(c);
             }

@@ -36,6 +36,20 @@ pub struct Settings {
     pub health_timeout: Duration,
 }
 
+impl Settings {
+    /// The settings of node `host` under an inventory's `rollout`.
+    pub fn of(host: &str, r: &crate::inventory::Rollout) -> Settings {
+        Settings {
+            host: host.to_string(),
+            reboot: r.reboot,
+            max_unavailable: r.max_unavailable,
+            lease_duration: r.lease_duration,
+            drain_timeout: r.drain_timeout,
+            health_timeout: r.health_timeout,
+        }
+    }
+}
+
 /// What the branch's head declares for this machine (steps 1 to 3), as the pass found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
@@ -199,8 +213,6 @@ pub struct Confirmed {
 pub struct Observation {
     /// Now, by this machine's clock.
     pub now: Option<SystemTime>,
-    /// When the pass began.
-    pub pass_started: Option<SystemTime>,
     /// The agent's poll interval.
     pub poll_interval: Duration,
     /// Whether every pass logs "No action needed" (`run --once`), not only the first.
@@ -275,7 +287,6 @@ impl Observation {
     pub fn pass(now: SystemTime, poll_interval: Duration, report_idle: bool) -> Observation {
         Observation {
             now: Some(now),
-            pass_started: Some(now),
             poll_interval,
             report_idle,
             resumed: true,
@@ -288,7 +299,6 @@ impl Observation {
     pub fn entered(&mut self) {
         *self = Observation {
             now: self.now,
-            pass_started: self.pass_started,
             poll_interval: self.poll_interval,
             report_idle: self.report_idle,
             resumed: false,
