@@ -57,7 +57,7 @@ in
       type = types.nullOr absolutePath;
       default = null;
       example = "/etc/nk3/known_hosts";
-      description = "known_hosts file (unhashed entries) that must list the repository server's SSH key.";
+      description = "known_hosts file that must list the repository server's SSH key. Unset: the system's (`programs.ssh.knownHosts`); an unknown host is always refused.";
     };
 
     tokenFile = mkOption {

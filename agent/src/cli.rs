@@ -264,6 +264,9 @@ pub struct AgentArgs {
     /// rook-ceph tools pod).
     #[arg(long, value_name = "CMD", env = env_vars::NK3_KUBECTL, default_value = "kubectl")]
     pub kubectl: PathBuf,
+    /// The ssh program, for ssh:// and host:path repositories (OpenSSH).
+    #[arg(long, value_name = "CMD", env = env_vars::NK3_SSH, default_value = "ssh")]
+    pub ssh: PathBuf,
     /// The git program, used only to verify commit signatures.
     #[arg(long, value_name = "CMD", env = env_vars::NK3_GIT, default_value = "git")]
     pub git: PathBuf,
@@ -283,7 +286,8 @@ pub struct AgentArgs {
     /// SSH private key for an ssh:// repository.
     #[arg(long, value_name = "FILE", env = env_vars::NK3_SSH_KEY_FILE)]
     pub ssh_key_file: Option<PathBuf>,
-    /// known_hosts for an ssh:// repository; the server's key must be listed.
+    /// known_hosts for an ssh:// repository; the server's key must be listed. Without it,
+    /// ssh's own known_hosts files are used; an unknown host is always refused.
     #[arg(long, value_name = "FILE", env = env_vars::NK3_KNOWN_HOSTS)]
     pub known_hosts: Option<PathBuf>,
     /// File holding a token for an https:// repository (the user name comes from the URL).

@@ -43,6 +43,8 @@ pub const NK3_SYSTEMCTL: &str = "NK3_SYSTEMCTL";
 pub const NK3_NIX_CHANNEL: &str = "NK3_NIX_CHANNEL";
 /// The git command (used only to verify commit signatures).
 pub const NK3_GIT: &str = "NK3_GIT";
+/// The ssh program, for ssh:// repositories.
+pub const NK3_SSH: &str = "NK3_SSH";
 /// The running system's link.
 pub const NK3_CURRENT_SYSTEM: &str = "NK3_CURRENT_SYSTEM";
 /// The booted system's link.

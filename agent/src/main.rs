@@ -40,6 +40,7 @@ fn main() -> ExitCode {
     };
     if let Some(t) = git_timeout {
         git::set_timeouts(t);
+        git::register_transports();
     }
     if matches!(&cli.command, cli::Command::Run(_)) {
         memory::one_arena();

@@ -123,6 +123,8 @@ impl Agent {
             },
         );
         source.whole_fetch = settings.git_timeout.saturating_mul(10);
+        source.timeout = settings.git_timeout;
+        source.ssh = settings.ssh.clone();
         let nixos = Nixos {
             nixos_rebuild: settings.nixos_rebuild.clone(),
             systemctl: settings.systemctl.clone(),

@@ -10,13 +10,17 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use git2::{
-    AutotagOption, CertificateCheckStatus, Cred, CredentialType, Direction, FetchOptions, Oid,
-    RemoteCallbacks, Repository,
-};
+use git2::{AutotagOption, Direction, FetchOptions, Oid, RemoteCallbacks, Repository};
+
+mod http;
+mod ssh;
+mod transport;
+
+pub use transport::register as register_transports;
 
 /// Bounds libgit2's network waits to `timeout` (connecting, and each wait for the server
-/// during a fetch), so a server that accepts a connection and then hangs cannot stall the
+/// during a fetch, over git://; the agent's own transports take theirs from
+/// [`Source::timeout`]), so a server that accepts a connection and then hangs cannot stall the
 /// agent forever. Call before any other thread starts.
 #[allow(unsafe_code)]
 pub fn set_timeouts(timeout: std::time::Duration) {
@@ -42,7 +46,8 @@ pub const MAX_FILE: usize = nk3_common::yaml::MAX_BYTES;
 pub struct Access {
     /// SSH private key for ssh:// URLs.
     pub ssh_key_file: Option<PathBuf>,
-    /// known_hosts file; when set, an SSH server's key must be listed in it.
+    /// known_hosts file; when set, an SSH server's key must be listed in it (and only
+    /// there); unset, ssh's own files (`~/.ssh/known_hosts`, `/etc/ssh/ssh_known_hosts`).
     pub known_hosts: Option<PathBuf>,
     /// File holding an HTTPS token.
     pub token_file: Option<PathBuf>,
@@ -78,6 +83,10 @@ pub struct Source {
     access: Access,
     /// The longest a fetch may take as a whole.
     pub whole_fetch: Duration,
+    /// The longest wait to connect, and for each answer.
+    pub timeout: Duration,
+    /// The ssh program, for ssh:// and host:path repositories.
+    pub ssh: PathBuf,
 }
 
 /// What a poll found.
@@ -134,6 +143,8 @@ impl Source {
             dir: dir.to_path_buf(),
             access,
             whole_fetch: Duration::from_secs(600),
+            timeout: Duration::from_secs(60),
+            ssh: PathBuf::from("ssh"),
         }
     }
 
@@ -198,6 +209,11 @@ impl Source {
     pub fn poll(&self, repo: &Repository) -> anyhow::Result<Head> {
         let wanted = format!("refs/heads/{}", self.branch);
         let mut remote = repo.find_remote("origin")?;
+        let _scope = transport::scope(transport::Settings {
+            access: self.access.clone(),
+            timeout: self.timeout,
+            ssh: self.ssh.clone(),
+        });
         let head = {
             let conn = remote
                 .connect_auth(Direction::Fetch, Some(self.callbacks()), None)
@@ -345,41 +361,10 @@ impl Source {
 
     fn callbacks(&self) -> RemoteCallbacks<'_> {
         let mut cb = RemoteCallbacks::new();
-        let access = &self.access;
-        let mut tries = 0;
         cb.sideband_progress(|_| {
             crate::progress::beat();
             true
         });
-        cb.credentials(move |_url, user, allowed| {
-            crate::progress::beat();
-            // libgit2 asks again after a refused credential; give up instead of looping.
-            tries += 1;
-            if tries > 3 {
-                return Err(git2::Error::from_str("credentials refused by the server"));
-            }
-            credentials(access, user, allowed)
-        });
-        if let Some(known) = access.known_hosts.clone() {
-            let port = ssh_port(&self.url);
-            cb.certificate_check(move |cert, host| {
-                let Some(hostkey) = cert.as_hostkey().and_then(|k| k.hostkey()) else {
-                    // Not an SSH host key: TLS certificates are checked by libgit2 itself.
-                    return Ok(CertificateCheckStatus::CertificatePassthrough);
-                };
-                let text = std::fs::read_to_string(&known).map_err(|e| {
-                    git2::Error::from_str(&format!("cannot read {}: {e}", known.display()))
-                })?;
-                if known_hosts_allow(&text, host, port, hostkey) {
-                    Ok(CertificateCheckStatus::CertificateOk)
-                } else {
-                    Err(git2::Error::from_str(&format!(
-                        "the SSH host key of {host} is not in {}",
-                        known.display()
-                    )))
-                }
-            });
-        }
         cb
     }
 }
@@ -395,232 +380,9 @@ fn check_health(repo: &Repository) -> Result<(), git2::Error> {
     Ok(())
 }
 
-/// The credential for what the server accepts: the SSH key, or the HTTPS token.
-fn credentials(
-    access: &Access,
-    user: Option<&str>,
-    allowed: CredentialType,
-) -> Result<Cred, git2::Error> {
-    if allowed.contains(CredentialType::USERNAME) {
-        return Cred::username(user.unwrap_or("git"));
-    }
-    if allowed.contains(CredentialType::SSH_KEY) {
-        if let Some(key) = &access.ssh_key_file {
-            return Cred::ssh_key(user.unwrap_or("git"), None, key, None);
-        }
-    }
-    if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
-        if let (None, Some(password)) = (&access.token_file, &access.url_password) {
-            return Cred::userpass_plaintext(user.unwrap_or("git"), password.expose());
-        }
-        if let Some(file) = &access.token_file {
-            let token = std::fs::read_to_string(file).map_err(|e| {
-                git2::Error::from_str(&format!("cannot read token file {}: {e}", file.display()))
-            })?;
-            return Cred::userpass_plaintext(user.unwrap_or("git"), token.trim());
-        }
-    }
-    Err(git2::Error::from_str(
-        "the repository asks for credentials and none are configured (--ssh-key-file or --repo-token-file)",
-    ))
-}
-
-/// Whether `known_hosts` text lists `key` (raw SSH wire format) for `host` on `port`, as
-/// OpenSSH reads it: patterns `host` (port 22) and `[host]:port`, `*` and `?` wildcards, `!`
-/// negation; a key marked `@revoked` for the host is refused whatever else lists it, and
-/// `@cert-authority` lines (host certificates) are not used. Hashed entries (`|1|…`) are not
-/// understood, so write known_hosts for nk3 unhashed.
-pub fn known_hosts_allow(text: &str, host: &str, port: u16, key: &[u8]) -> bool {
-    use base64::Engine as _;
-    let decode = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).ok();
-    let mut allowed = false;
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut fields = line.split_whitespace();
-        let mut first = fields.next();
-        let marker = match first {
-            Some(m) if m.starts_with('@') => {
-                first = fields.next();
-                Some(m)
-            }
-            _ => None,
-        };
-        let (Some(hosts), Some(_kind), Some(b64)) = (first, fields.next(), fields.next()) else {
-            continue;
-        };
-        if decode(b64).as_deref() != Some(key) || !host_matches(hosts, host, port) {
-            continue;
-        }
-        match marker {
-            None => allowed = true,
-            Some("@revoked") => return false,
-            Some(_) => {}
-        }
-    }
-    allowed
-}
-
-fn host_matches(patterns: &str, host: &str, port: u16) -> bool {
-    let mut ok = false;
-    for p in patterns.split(',') {
-        let (neg, p) = match p.strip_prefix('!') {
-            Some(rest) => (true, rest),
-            None => (false, p),
-        };
-        let (p, want) = match p
-            .strip_prefix('[')
-            .and_then(|r| r.split_once("]:"))
-            .and_then(|(h, n)| Some((h, n.parse::<u16>().ok()?)))
-        {
-            Some((h, n)) => (h, n),
-            None => (p, 22),
-        };
-        if want == port && glob(p.as_bytes(), host.as_bytes()) {
-            if neg {
-                return false;
-            }
-            ok = true;
-        }
-    }
-    ok
-}
-
-/// OpenSSH's pattern match: `*` any run, `?` one byte, the rest ASCII case-insensitive.
-/// On bytes, so no host name can land a slice inside a character.
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => (0..=text.len()).any(|i| glob(rest, &text[i..])),
-        Some((b'?', rest)) => !text.is_empty() && glob(rest, &text[1..]),
-        Some((c, rest)) => text
-            .split_first()
-            .is_some_and(|(t, more)| c.eq_ignore_ascii_case(t) && glob(rest, more)),
-    }
-}
-
-/// The port an ssh:// URL names (22 when it names none, and for scp-like `host:path`).
-fn ssh_port(url: &str) -> u16 {
-    reqwest::Url::parse(url)
-        .ok()
-        .filter(|u| u.scheme() == "ssh")
-        .and_then(|u| u.port())
-        .unwrap_or(22)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn known_hosts_match_host_and_key() {
-        let text = "# comment\n\
-            git.example.com,10.0.0.9 ssh-ed25519 aGVsbG8=\n\
-            [git.example.org]:2222 ssh-ed25519 aGk=\n\
-            *.corp,!bad.corp ssh-ed25519 aGVsbG8h\n\
-            |1|abc=|def= ssh-ed25519 aGVsbG8=\n";
-        assert!(known_hosts_allow(text, "git.example.com", 22, b"hello"));
-        assert!(known_hosts_allow(text, "10.0.0.9", 22, b"hello"));
-        assert!(
-            !known_hosts_allow(text, "git.example.com", 22, b"hi"),
-            "wrong key"
-        );
-        assert!(known_hosts_allow(text, "git.example.org", 2222, b"hi"));
-        assert!(
-            !known_hosts_allow(text, "git.example.org", 22, b"hi"),
-            "listed for port 2222 only"
-        );
-        assert!(
-            !known_hosts_allow(text, "git.example.com", 2222, b"hello"),
-            "a plain entry is port 22's"
-        );
-        assert!(known_hosts_allow(text, "git.corp", 22, b"hello!"));
-        assert!(
-            !known_hosts_allow(text, "bad.corp", 22, b"hello!"),
-            "negated"
-        );
-        assert!(!known_hosts_allow(text, "other.example.com", 22, b"hello"));
-    }
-
-    /// A seeded mutation run over known_hosts text and host names (the fuzz target for the
-    /// one parser in the agent itself; the others are in `common/tests/fuzz.rs`).
-    #[test]
-    fn known_hosts_fuzzed_never_panics() {
-        let corpus = "# c\ngit.example.com,10.0.0.9 ssh-ed25519 aGVsbG8=\n[h]:2222 ssh-ed25519 aGk=\n@revoked * ssh-rsa aGk=\n*.corp,!bad.corp ssh-ed25519 aGVsbG8h\n";
-        let pieces = [
-            "*",
-            "?",
-            "!",
-            "[",
-            "]:",
-            ",",
-            "@revoked ",
-            "@cert-authority ",
-            "é",
-            "\u{10ffff}",
-            " ",
-            "\n",
-            "=",
-            "|1|",
-            "aGk=",
-            ":99999",
-            "]",
-        ];
-        let mut x: u64 = 0x6b6e_6f77_6e5f_6873;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n.max(1) as u64) as usize
-        };
-        for _ in 0..20_000 {
-            let mut text: Vec<char> = corpus.chars().collect();
-            let mut host: Vec<char> = "git.example.com".chars().collect();
-            for _ in 0..1 + next(4) {
-                let p: Vec<char> = pieces[next(pieces.len())].chars().collect();
-                let target = if next(2) == 0 { &mut text } else { &mut host };
-                let at = next(target.len() + 1);
-                match next(3) {
-                    0 if !target.is_empty() => {
-                        target.remove(at.min(target.len() - 1));
-                    }
-                    _ => {
-                        target.splice(at..at, p);
-                    }
-                }
-            }
-            let (text, host): (String, String) =
-                (text.into_iter().collect(), host.into_iter().collect());
-            let _ = known_hosts_allow(&text, &host, next(65536) as u16, b"hello");
-            let _ = ssh_port(&format!("ssh://{host}/x"));
-        }
-    }
-
-    #[test]
-    fn known_hosts_never_panics_and_revoked_keys_lose() {
-        let text = "*é* ssh-ed25519 aGVsbG8=\n\
-            g?t.example.com ssh-ed25519 aGk=\n\
-            @revoked * ssh-ed25519 aGk=\n\
-            @cert-authority *.example.com ssh-ed25519 aGVsbG8h\n";
-        for host in ["ééé", "é", "\u{10ffff}git", "", "a*b"] {
-            let _ = known_hosts_allow(text, host, 22, b"hello");
-        }
-        assert!(known_hosts_allow(text, "xéy", 22, b"hello"));
-        assert!(
-            !known_hosts_allow(text, "git.example.com", 22, b"hi"),
-            "revoked, though listed"
-        );
-        assert!(
-            !known_hosts_allow(text, "a.example.com", 22, b"hello!"),
-            "a CA line is no host key"
-        );
-        assert_eq!(ssh_port("ssh://git@host:2222/infra.git"), 2222);
-        assert_eq!(ssh_port("ssh://git@[fd00::1]:2200/x"), 2200);
-        assert_eq!(ssh_port("ssh://host/x"), 22);
-        assert_eq!(ssh_port("git@host:infra.git"), 22);
-    }
 
     #[test]
     fn a_password_in_the_url_stays_out_of_the_clone() {
@@ -638,7 +400,11 @@ mod tests {
             config.contains("https://ci@git.example.com/infra.git"),
             "{config}"
         );
-        assert!(credentials(&src.access, Some("ci"), CredentialType::USER_PASS_PLAINTEXT).is_ok());
+        assert_eq!(
+            src.access.url_password.as_ref().map(|p| p.expose()),
+            Some("s3cret"),
+            "given to the server as the credential"
+        );
         let encoded = Source::new(
             "https://ci:p%40ss%2Fw@git.example.com/infra.git",
             "main",
@@ -651,25 +417,5 @@ mod tests {
             "percent-decoded"
         );
         assert!(!format!("{src:?}").contains("s3cret"));
-    }
-
-    #[test]
-    fn credentials_follow_what_the_server_accepts() {
-        let dir = tempfile::tempdir().unwrap();
-        let token = dir.path().join("token");
-        std::fs::write(&token, "s3cret\n").unwrap();
-        let access = Access {
-            token_file: Some(token),
-            ..Access::default()
-        };
-        assert!(credentials(&access, Some("ci"), CredentialType::USER_PASS_PLAINTEXT).is_ok());
-        let none = credentials(&Access::default(), None, CredentialType::SSH_KEY)
-            .err()
-            .unwrap();
-        assert!(
-            none.message().contains("--ssh-key-file"),
-            "{}",
-            none.message()
-        );
     }
 }
