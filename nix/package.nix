@@ -2,7 +2,6 @@
 { lib
 , rustPlatform
 , pkg-config
-, openssl
 , installShellFiles
 , stdenv
 , git
@@ -34,12 +33,12 @@ rustPlatform.buildRustPackage {
   cargoBuildFlags = [ "--package" "nk3-agent" ];
   cargoTestFlags = [ "--workspace" ];
 
+  # libgit2 and zlib are built from their crates; HTTPS is rustls, SSH the system's ssh:
+  # nothing to link.
   nativeBuildInputs = [ pkg-config installShellFiles ];
-  # git2 links OpenSSL for its HTTPS and SSH transports.
-  buildInputs = [ openssl ];
 
   # The end-to-end tests run real git (repositories, git daemon on loopback), real Nix
-  # (nix-instantiate --parse/--eval, with a private store root) and ssh-keygen.
+  # (nix-instantiate --parse/--eval, with a private store root), ssh-keygen, ssh and sshd.
   nativeCheckInputs = [ git nix openssh ];
   preCheck = ''
     export HOME=$TMPDIR

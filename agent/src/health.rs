@@ -149,18 +149,29 @@ impl Cluster {
                     }
                 }
                 HealthCheck::Http { name, url } => {
-                    let ok = reqwest::blocking::Client::builder()
+                    let answer = reqwest::blocking::Client::builder()
                         .timeout(left().min(Duration::from_secs(10)))
                         .build()
-                        .ok()
-                        .and_then(|c| c.get(url).send().ok())
-                        .is_some_and(|r| r.status().is_success());
-                    if !ok {
-                        return Err(format!("health check {name} ({url}) failed"));
-                    }
+                        .and_then(|c| c.get(url).send());
+                    let why = match answer {
+                        Ok(r) if r.status().is_success() => continue,
+                        Ok(r) => format!("HTTP {}", r.status()),
+                        Err(e) => innermost(&e),
+                    };
+                    return Err(format!("health check {name} ({url}) failed: {why}"));
                 }
             }
         }
         Ok(())
     }
+}
+
+/// The innermost cause of `e` (a refused certificate, a refused connection), which says
+/// more than reqwest's own message.
+pub(crate) fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }

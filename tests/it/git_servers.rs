@@ -81,7 +81,14 @@ impl SshServer {
         .unwrap();
         // sshd wants its privilege-separation directory.
         let _ = std::fs::create_dir_all("/run/sshd");
-        let child = Command::new("/usr/sbin/sshd")
+        // sshd must be started by its absolute path.
+        let sshd = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join("sshd"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("/usr/sbin/sshd"));
+        let child = Command::new(sshd)
             .arg("-D")
             .arg("-e")
             .arg("-f")

@@ -531,6 +531,39 @@ fn health_timeout_is_a_bound_a_check_slower_than_it_is_stopped_not_waited_for_an
     assert_eq!(node.state()["phase"]["name"], "frozen", "{log}");
 }
 
+/// Its client had no roots at all: an `http:` health check on an https:// URL failed on
+/// every node, whatever the server's certificate, and rolled every commit back.
+#[test]
+fn an_https_health_check_trusts_the_systems_roots() {
+    let api = api();
+    let repo = Repo::with_inventory(&inventory(""));
+    let served = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(served.path().join("status.git")).unwrap();
+    crate::fixtures::git(served.path(), &["init", "-q", "--bare", "status.git"]);
+    let server = crate::git_servers::HttpsServer::serve(served.path(), None);
+    let mut node = member(&repo, &api, "172.30.190.3", HOST3);
+    // The system's roots: SSL_CERT_FILE names the bundle, here the server's CA.
+    node.env
+        .push(("SSL_CERT_FILE".into(), server.ca_file.display().to_string()));
+    let url = format!("https://127.0.0.1:{}/status.git/HEAD", server.port);
+    let checked = dns(&inventory(""), "9.9.9.9").replace(
+        "    health_timeout: 3s\n",
+        &format!("    health_timeout: 3s\n    health_checks:\n      - {{ name: web, http: \"{url}\" }}\n"),
+    );
+    let head = repo.commit("inventory.yaml", &checked, "an https check");
+    let log = node.pass_ok();
+    assert_eq!(node.state()["applied"], head.as_str(), "{log}");
+    assert!(
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r == "GET /status.git/HEAD 200"),
+        "the check asked the server"
+    );
+}
+
 #[test]
 fn unsatisfiable_pdbs_churn_forever_the_node_is_not_even_cordoned_and_the_commit_backs_off() {
     let api = api();

@@ -175,12 +175,7 @@ impl Conn {
 
     fn failed(&self, e: &reqwest::Error) -> String {
         // The innermost cause: reqwest's own message repeats the URL, which the caller names.
-        let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
-        let mut why = String::new();
-        while let Some(s) = source {
-            why = s.to_string();
-            source = s.source();
-        }
+        let why = crate::health::innermost(e);
         let what = if e.is_timeout() {
             "no answer in time".to_string()
         } else if e.is_connect() {
@@ -190,11 +185,7 @@ impl Conn {
         } else {
             "request failed".to_string()
         };
-        if why.is_empty() {
-            what
-        } else {
-            format!("{what}: {why}")
-        }
+        format!("{what}: {why}")
     }
 
     fn check(&self, response: Response, want_type: &str) -> Result<Response, String> {
