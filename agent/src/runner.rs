@@ -360,7 +360,7 @@ impl Agent {
                 p.renewer = Some(c.keep_renewed(&lease, duration));
                 p.obs.renewing = true;
             }
-            Action::ConfirmLease(lease) => {
+            Action::ConfirmLease { lease, before } => {
                 let c = self.need_cluster(p)?;
                 let duration = self.lease_duration(p)?;
                 let lost = match c.renew(&lease, duration) {
@@ -373,6 +373,7 @@ impl Agent {
                 let halt = c.halt()?.map(Halt::from);
                 p.obs.lease_confirmed = Some(rollout::Confirmed {
                     at: self.clock().now(),
+                    before,
                     lost,
                     halt,
                 });

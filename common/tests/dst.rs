@@ -646,7 +646,7 @@ impl World {
                 self.nodes[i].renewing = Some(lease);
                 obs!().renewing = true;
             }
-            Action::ConfirmLease(lease) => {
+            Action::ConfirmLease { lease, before } => {
                 let s = World::slot(&lease);
                 let t = local(self, &self.nodes[i]);
                 let c = self.api(|w| {
@@ -662,6 +662,7 @@ impl World {
                     };
                     Confirmed {
                         at: t,
+                        before,
                         lost,
                         halt: w.halt.clone(),
                     }

@@ -5,6 +5,7 @@ mod agent;
 mod agent_role;
 mod bad_inventories;
 mod cli;
+mod confirm;
 mod fixtures;
 mod git_servers;
 mod golden;

@@ -194,11 +194,39 @@ pub enum Claim {
     },
 }
 
+/// A disruptive step, which the held lease is confirmed just before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disruption {
+    /// Cordoning the node.
+    Cordon,
+    /// Evicting its pods.
+    Drain,
+    /// Switching (or booting) into the new system.
+    Switch,
+    /// Rebooting the machine.
+    Reboot,
+}
+
+impl Disruption {
+    /// The step, as log lines name it.
+    pub fn doing(self) -> &'static str {
+        match self {
+            // The cordon is the start of the drain.
+            Disruption::Cordon | Disruption::Drain => "draining",
+            Disruption::Switch => "switching",
+            Disruption::Reboot => "rebooting",
+        }
+    }
+}
+
 /// What a confirmation of the held lease found, just before something disruptive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confirmed {
     /// When (this machine's clock).
     pub at: SystemTime,
+    /// The step it was taken for: it permits that step only, however soon the next one
+    /// comes (a drain of a few seconds may be all it takes for the lease to go).
+    pub before: Disruption,
     /// Why the lease is no longer this node's, if it is not.
     pub lost: Option<String>,
     /// The halt on record then: a commit halted meanwhile is not switched to.
@@ -432,7 +460,12 @@ pub enum Action {
     },
     /// Renews the held lease now and says whether it is still this node's, and reads the
     /// halt: the last look before something disruptive.
-    ConfirmLease(String),
+    ConfirmLease {
+        /// The lease.
+        lease: String,
+        /// The step it is for.
+        before: Disruption,
+    },
     /// Writes the k3s join token file.
     WriteToken,
     /// Points the `nixos` channel at this one.

@@ -401,10 +401,16 @@ fn every_phase_against_every_observation() {
     }
 }
 
-/// A confirmation of the lease at `at`: lost (why), and the halt it read.
-fn confirmed(at: SystemTime, lost: Option<&str>, halt: Option<&str>) -> Confirmed {
+/// A confirmation of the lease at `at` for `before`: lost (why), and the halt it read.
+fn confirmed(
+    at: SystemTime,
+    before: Disruption,
+    lost: Option<&str>,
+    halt: Option<&str>,
+) -> Confirmed {
     Confirmed {
         at,
+        before,
         lost: lost.map(str::to_string),
         halt: halt.map(|c| Halt {
             commit: c.into(),
@@ -624,7 +630,12 @@ fn the_transitions_of_design_section_6() {
             },
             |o| {
                 o.machine = Some(machine("boot-1", OLD));
-                o.lease_confirmed = Some(confirmed(t0() + Duration::from_secs(10), None, None));
+                o.lease_confirmed = Some(confirmed(
+                    t0() + Duration::from_secs(10),
+                    Disruption::Reboot,
+                    None,
+                    None,
+                ));
             },
             "Reboot",
             "rebooting",
@@ -640,7 +651,12 @@ fn the_transitions_of_design_section_6() {
             },
             |o| {
                 o.machine = Some(machine("boot-1", OLD));
-                o.lease_confirmed = Some(confirmed(t0(), Some("node-2 holds it"), None));
+                o.lease_confirmed = Some(confirmed(
+                    t0(),
+                    Disruption::Reboot,
+                    Some("node-2 holds it"),
+                    None,
+                ));
             },
             "Cluster([Uncordon",
             "rebooting",
@@ -843,11 +859,23 @@ fn a_closed_gate_uncordons_what_an_interrupted_drain_left() {
 /// node's by then.
 #[test]
 fn a_stall_longer_than_the_lease_is_noticed_before_the_cordon() {
-    let stale = confirmed(t0() - Duration::from_secs(400), None, None);
+    let stale = confirmed(
+        t0() - Duration::from_secs(400),
+        Disruption::Cordon,
+        None,
+        None,
+    );
     let step = next_action(&built(), &held(|o| o.lease_confirmed = Some(stale.clone())));
-    assert_eq!(step.action, Action::ConfirmLease("nk3-rollout".into()));
+    assert_eq!(
+        step.action,
+        Action::ConfirmLease {
+            lease: "nk3-rollout".into(),
+            before: Disruption::Cordon
+        }
+    );
     let lost = confirmed(
         t0() + Duration::from_secs(10),
+        Disruption::Cordon,
         Some("node-2 holds it"),
         None,
     );
@@ -863,7 +891,7 @@ fn a_stall_longer_than_the_lease_is_noticed_before_the_cordon() {
         "{step:?}"
     );
     // A commit halted meanwhile is refused, not cordoned for.
-    let halted = confirmed(lost.at, None, Some(C));
+    let halted = confirmed(lost.at, Disruption::Cordon, None, Some(C));
     let step = next_action(&built(), &held(|o| o.lease_confirmed = Some(halted)));
     assert_eq!(
         step.action,
@@ -889,6 +917,7 @@ fn a_rollback_reboot_given_up_for_a_lost_lease_verifies_the_rollback() {
             o.machine = Some(machine("boot-1", OLD));
             o.lease_confirmed = Some(confirmed(
                 t0() + Duration::from_secs(10),
+                Disruption::Reboot,
                 Some("node-2 holds it"),
                 None,
             ));
@@ -913,7 +942,7 @@ fn a_commit_halted_during_the_drain_is_refused_after_giving_back_not_taken_for_a
         system: NEW.into(),
         hold: hold(),
     });
-    let halted = |at: SystemTime| confirmed(at, None, Some(C));
+    let halted = |at: SystemTime| confirmed(at, Disruption::Drain, None, Some(C));
     let give_back = vec![
         Op::Uncordon {
             was_unschedulable: false,
@@ -947,6 +976,88 @@ fn a_commit_halted_during_the_drain_is_refused_after_giving_back_not_taken_for_a
     assert_eq!(
         step.action,
         Action::Restore { had_previous: true },
+        "{step:?}"
+    );
+}
+
+/// Found on the real control plane (`tests/it/confirm.rs`): the confirmation taken before a
+/// drain of a few seconds still counted as fresh for the switch after it, so a lease taken
+/// away, or the commit halted, during the drain went unseen and the node switched. A
+/// confirmation now permits the one step it was taken for.
+#[test]
+fn a_lease_confirmed_before_the_drain_is_confirmed_again_before_the_switch() {
+    let s = state(Phase::Draining {
+        commit: C.into(),
+        system: NEW.into(),
+        hold: hold(),
+    });
+    let drained = |o: &mut Observation| {
+        o.resumed = false;
+        o.plan = Some(apply_plan());
+        o.renewing = true;
+        o.cordoned = Some(false);
+        o.drained = Some(Ok(()));
+        o.reboot_reasons = Some(vec![]);
+        o.machine = Some(machine("boot-1", OLD));
+    };
+    // Confirmed for the drain three seconds ago: asked again, for the switch.
+    let before_drain = confirmed(t0() + Duration::from_secs(7), Disruption::Drain, None, None);
+    let step = next_action(
+        &s,
+        &obs(|o| {
+            drained(o);
+            o.lease_confirmed = Some(before_drain.clone());
+        }),
+    );
+    assert_eq!(
+        step.action,
+        Action::ConfirmLease {
+            lease: "nk3-rollout".into(),
+            before: Disruption::Switch
+        }
+    );
+    // What that finds decides: halted meanwhile, the node and the lease are given back.
+    let halted = confirmed(
+        t0() + Duration::from_secs(10),
+        Disruption::Switch,
+        None,
+        Some(C),
+    );
+    let step = next_action(
+        &s,
+        &obs(|o| {
+            drained(o);
+            o.lease_confirmed = Some(halted);
+        }),
+    );
+    assert_eq!(
+        step.action,
+        Action::Cluster(vec![
+            Op::Uncordon {
+                was_unschedulable: false
+            },
+            Op::Release("nk3-rollout".into()),
+        ])
+    );
+    // Still this node's: the switch.
+    let fresh = confirmed(
+        t0() + Duration::from_secs(10),
+        Disruption::Switch,
+        None,
+        None,
+    );
+    let step = next_action(
+        &s,
+        &obs(|o| {
+            drained(o);
+            o.lease_confirmed = Some(fresh);
+        }),
+    );
+    assert!(
+        matches!(
+            step.state.as_deref().map(|s| &s.phase),
+            Some(Phase::Switching { .. })
+        ),
         "{step:?}"
     );
 }

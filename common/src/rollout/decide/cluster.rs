@@ -246,7 +246,7 @@ impl Decide<'_> {
         if let Some(h) = self.halted_meanwhile(commit) {
             return self.halted(commit, settings, &h.node, &h.reason);
         }
-        match self.confirmed(lease) {
+        match self.confirmed(lease, Disruption::Cordon) {
             Ok(()) if o.lease_lost.is_none() => {}
             Err(Some(step)) if o.lease_lost.is_none() => return step,
             _ => {
@@ -346,7 +346,7 @@ impl Decide<'_> {
         }
         // Pods are evicted only under the lease, confirmed just before.
         if o.drained.is_none() {
-            if let Some(step) = self.unless_lost(commit, system, hold, "draining", true) {
+            if let Some(step) = self.unless_lost(commit, system, hold, Disruption::Drain, true) {
                 return step;
             }
         }
@@ -377,7 +377,7 @@ impl Decide<'_> {
         };
         // The lease lost while the node was being drained: whoever holds it now may be
         // disrupting itself; this node does not switch.
-        if let Some(step) = self.unless_lost(commit, system, hold, "switching", true) {
+        if let Some(step) = self.unless_lost(commit, system, hold, Disruption::Switch, true) {
             return step;
         }
         self.to_switch(commit, system, Some(hold), settings, reasons)

@@ -18,8 +18,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
-    Action, Annotate, Claim, Coordination, Event, Failed, Failure, Halt, Level, Log, Observation,
-    Op, Plan, Settings, Step,
+    Action, Annotate, Claim, Coordination, Disruption, Event, Failed, Failure, Halt, Level, Log,
+    Observation, Op, Plan, Settings, Step,
 };
 use crate::inventory::RebootPolicy;
 use crate::state::{DrainBlocked, Hold, LastResult, Outcome, Phase, Rejected, State};
@@ -280,21 +280,26 @@ impl Decide<'_> {
         (self.o.cluster_done.as_ref() != Some(&ops)).then(|| Step::to(Action::Cluster(ops)))
     }
 
-    /// Whether `lease` was confirmed this node's within [`CONFIRMED_WITHIN`]: `Err(Some)`
-    /// is the step that asks, `Err(None)` says it is lost ([`Decide::lost`] says why).
-    fn confirmed(&self, lease: &str) -> Result<(), Option<Step>> {
+    /// Whether `lease` was confirmed this node's for `before`, within [`CONFIRMED_WITHIN`]:
+    /// `Err(Some)` is the step that asks, `Err(None)` says it is lost ([`Decide::lost`]
+    /// says why).
+    fn confirmed(&self, lease: &str, before: Disruption) -> Result<(), Option<Step>> {
         match &self.o.lease_confirmed {
             Some(c) if c.lost.is_some() => Err(None),
             // A clock that stepped back makes it stale, not fresh.
             Some(c)
-                if self
-                    .now
-                    .duration_since(c.at)
-                    .is_ok_and(|d| d <= CONFIRMED_WITHIN) =>
+                if c.before == before
+                    && self
+                        .now
+                        .duration_since(c.at)
+                        .is_ok_and(|d| d <= CONFIRMED_WITHIN) =>
             {
                 Ok(())
             }
-            _ => Err(Some(Step::to(Action::ConfirmLease(lease.to_string())))),
+            _ => Err(Some(Step::to(Action::ConfirmLease {
+                lease: lease.to_string(),
+                before,
+            }))),
         }
     }
 
@@ -316,9 +321,10 @@ impl Decide<'_> {
         commit: &str,
         system: &str,
         hold: &Hold,
-        what: &str,
+        before: Disruption,
         halt_stops: bool,
     ) -> Option<Step> {
+        let what = before.doing();
         let give_back = vec![
             Op::Uncordon {
                 was_unschedulable: hold.was_unschedulable,
@@ -332,7 +338,7 @@ impl Decide<'_> {
                 return Some(self.halted_after_release(commit, &h.node, &h.reason));
             }
         }
-        match self.confirmed(&hold.lease) {
+        match self.confirmed(&hold.lease, before) {
             Ok(()) if self.o.lease_lost.is_none() => {
                 self.halted_meanwhile(commit).filter(|_| halt_stops)?;
                 let step = self.unless_done(give_back)?;

@@ -91,7 +91,7 @@ impl Decide<'_> {
                 format!("{} changed", reasons.join(", "))
             };
             if let Some(h) = hold {
-                if let Some(step) = self.unless_lost(commit, system, h, "rebooting", false) {
+                if let Some(step) = self.unless_lost(commit, system, h, Disruption::Reboot, false) {
                     return step;
                 }
             }
@@ -250,7 +250,7 @@ impl Decide<'_> {
         }
         // Whoever holds the lease now may be down: switched back, this node does not reboot.
         if reboot && o.lease_lost.is_none() {
-            if let Err(Some(step)) = self.confirmed(&hold.lease) {
+            if let Err(Some(step)) = self.confirmed(&hold.lease, Disruption::Reboot) {
                 return step;
             }
         }
@@ -325,7 +325,7 @@ impl Decide<'_> {
                 if rollback {
                     // Rolled back already (the switch activated it): without the lease the
                     // reboot is left out and the rollback verified as it runs.
-                    match self.confirmed(&h.lease) {
+                    match self.confirmed(&h.lease, Disruption::Reboot) {
                         Err(Some(step)) if o.lease_lost.is_none() => return step,
                         Ok(()) if o.lease_lost.is_none() => {}
                         _ => {
@@ -339,7 +339,9 @@ impl Decide<'_> {
                                 );
                         }
                     }
-                } else if let Some(step) = self.unless_lost(commit, system, h, "rebooting", false) {
+                } else if let Some(step) =
+                    self.unless_lost(commit, system, h, Disruption::Reboot, false)
+                {
                     return step;
                 }
             }
