@@ -371,6 +371,7 @@ fn stale_ready_verification_needs_this_boots_id_and_a_heartbeat_after_the_switch
             &[],
             &fresh("boot-of-n1", now),
             SystemTime::now() + Duration::from_secs(30),
+            &crate::effects::SYSTEM_PROBES,
         ),
         Err("node n1's kubelet has not renewed its heartbeat since the switch".into()),
         "Ready, but nothing reported since the switch yet"
@@ -384,6 +385,7 @@ fn stale_ready_verification_needs_this_boots_id_and_a_heartbeat_after_the_switch
             &[],
             &fresh("boot-of-n1", now),
             SystemTime::now() + Duration::from_secs(30),
+            &crate::effects::SYSTEM_PROBES,
         ),
         Ok(())
     );
@@ -396,6 +398,7 @@ fn stale_ready_verification_needs_this_boots_id_and_a_heartbeat_after_the_switch
             &[],
             &fresh("a-new-boot", now),
             SystemTime::now() + Duration::from_secs(30),
+            &crate::effects::SYSTEM_PROBES,
         )
         .unwrap_err();
     assert!(why.contains("has not reported this boot yet"), "{why}");

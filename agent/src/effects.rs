@@ -1,6 +1,7 @@
-//! The side effects a pass has, behind traits: the clock, the NixOS system, the k3s API
-//! (with the health probes), and the git source. The runner calls only these; the
-//! production adapters are the types of `system.rs`, `cluster.rs` and `git.rs`.
+//! Side effects behind traits: the clock, the NixOS system and the inventory's health
+//! probes; their production adapters are here and in `system.rs`. The k3s API
+//! (`cluster.rs`, `leases.rs`) and the git source (`git/`) are not behind traits yet: the
+//! runner calls them directly.
 
 use std::time::{Duration, SystemTime};
 
@@ -88,5 +89,84 @@ impl NixosSystem for Nixos {
     }
     fn has_agent(&self, system: &str) -> bool {
         crate::system::has_agent_unit(system)
+    }
+}
+
+/// The inventory's own health checks (`rollout.health_checks`), run on this node. Both are
+/// bounded: nothing here waits longer than it is given.
+pub trait Probes {
+    /// Runs `argv` (no shell); it must exit 0 within `timeout`.
+    fn command(&self, argv: &[String], timeout: Duration) -> Result<(), CommandFailed>;
+    /// GETs `url`; it must answer 2xx within `timeout`. `Err` says why not.
+    fn http(&self, url: &str, timeout: Duration) -> Result<(), String>;
+}
+
+/// The probes as they run on a node: a child process, and an HTTP client trusting the
+/// system's roots.
+#[derive(Debug)]
+pub struct SystemProbes;
+
+/// The one there is.
+pub static SYSTEM_PROBES: SystemProbes = SystemProbes;
+
+impl Probes for SystemProbes {
+    fn command(&self, argv: &[String], timeout: Duration) -> Result<(), CommandFailed> {
+        let (program, args) = argv.split_first().map_or(("", &[][..]), |(p, a)| (p, a));
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args);
+        crate::command::run(cmd, timeout).map(|_| ())
+    }
+
+    fn http(&self, url: &str, timeout: Duration) -> Result<(), String> {
+        let answer = reqwest::blocking::Client::builder()
+            .timeout(timeout)
+            .build()
+            .and_then(|c| c.get(url).send());
+        match answer {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("HTTP {}", r.status())),
+            Err(e) => Err(crate::health::innermost(&e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Failure;
+
+    fn argv(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_probe_command_fails_three_ways_and_each_is_told_apart() {
+        let p = SystemProbes;
+        let t = Duration::from_secs(5);
+        assert!(p.command(&argv(&["true"]), t).is_ok());
+        let exited = p.command(&argv(&["false"]), t).unwrap_err();
+        assert_eq!(exited.failure, Failure::Exited);
+        let missing = p
+            .command(&argv(&["/nonexistent/nk3-check"]), t)
+            .unwrap_err();
+        assert_eq!(missing.failure, Failure::NotStarted);
+        let slow = p
+            .command(&argv(&["sleep", "30"]), Duration::from_millis(200))
+            .unwrap_err();
+        assert_eq!(slow.failure, Failure::TimedOut);
+    }
+
+    #[test]
+    fn an_http_probe_says_why_it_failed() {
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = SystemProbes
+            .http(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(5))
+            .unwrap_err();
+        assert!(e.to_lowercase().contains("refused"), "{e}");
     }
 }

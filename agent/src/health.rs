@@ -7,6 +7,7 @@ use nk3_common::inventory::HealthCheck;
 use nk3_common::lease;
 
 use crate::cluster::*;
+use crate::effects::Probes;
 
 /// What makes "this node is healthy" a fact about now, not about before the switch.
 #[derive(Debug, Clone)]
@@ -56,6 +57,7 @@ impl Cluster {
         watch_namespaces: &[String],
         fresh: &Fresh,
         deadline: SystemTime,
+        probes: &dyn Probes,
     ) -> Result<(), String> {
         // Every probe is bounded by what is left of the health timeout: a check that hangs
         // is stopped and counts as failed, never waited for.
@@ -126,43 +128,7 @@ impl Cluster {
         if let Some(c) = &rollout.ceph {
             self.ceph_healthy(c, left())?;
         }
-        for c in checks {
-            match c {
-                HealthCheck::Command { name, argv } => {
-                    let Some((p, args)) = argv.split_first() else {
-                        return Err(format!("health check {name} has no command"));
-                    };
-                    let mut cmd = std::process::Command::new(p);
-                    cmd.args(args);
-                    if let Err(e) = crate::command::run(cmd, left()) {
-                        return Err(match e.failure {
-                            crate::command::Failure::TimedOut => format!(
-                                "health check {name} did not finish within the health timeout; it was stopped"
-                            ),
-                            crate::command::Failure::NotStarted => {
-                                format!("health check {name} could not start: {}", e.tail)
-                            }
-                            crate::command::Failure::Exited => {
-                                format!("health check {name} failed ({})", e.status)
-                            }
-                        });
-                    }
-                }
-                HealthCheck::Http { name, url } => {
-                    let answer = reqwest::blocking::Client::builder()
-                        .timeout(left().min(Duration::from_secs(10)))
-                        .build()
-                        .and_then(|c| c.get(url).send());
-                    let why = match answer {
-                        Ok(r) if r.status().is_success() => continue,
-                        Ok(r) => format!("HTTP {}", r.status()),
-                        Err(e) => innermost(&e),
-                    };
-                    return Err(format!("health check {name} ({url}) failed: {why}"));
-                }
-            }
-        }
-        Ok(())
+        inventory_checks(checks, probes, &left)
     }
 }
 
@@ -174,4 +140,143 @@ pub(crate) fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
         cause = next;
     }
     cause.to_string()
+}
+
+/// The inventory's checks, in order, each bounded by what `left` says is left of the health
+/// timeout (an HTTP check by at most 10 s): the first that fails is the answer.
+pub fn inventory_checks(
+    checks: &[HealthCheck],
+    probes: &dyn Probes,
+    left: &dyn Fn() -> Duration,
+) -> Result<(), String> {
+    use crate::command::Failure;
+    for c in checks {
+        match c {
+            HealthCheck::Command { name, argv } => {
+                if argv.is_empty() {
+                    return Err(format!("health check {name} has no command"));
+                }
+                if let Err(e) = probes.command(argv, left()) {
+                    return Err(match e.failure {
+                        Failure::TimedOut => format!(
+                            "health check {name} did not finish within the health timeout; it was stopped"
+                        ),
+                        Failure::NotStarted => {
+                            format!("health check {name} could not start: {}", e.tail)
+                        }
+                        Failure::Exited => format!("health check {name} failed ({})", e.status),
+                    });
+                }
+            }
+            HealthCheck::Http { name, url } => {
+                if let Err(why) = probes.http(url, left().min(Duration::from_secs(10))) {
+                    return Err(format!("health check {name} ({url}) failed: {why}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{CommandFailed, Failure};
+    use std::cell::RefCell;
+
+    /// Probes that answer from a script and write down what they were asked.
+    struct Scripted {
+        asked: RefCell<Vec<(String, Duration)>>,
+        command: Option<Failure>,
+        http: Option<&'static str>,
+    }
+
+    impl Probes for Scripted {
+        fn command(&self, argv: &[String], timeout: Duration) -> Result<(), CommandFailed> {
+            self.asked.borrow_mut().push((argv.join(" "), timeout));
+            match self.command {
+                None => Ok(()),
+                Some(failure) => Err(CommandFailed {
+                    command: argv.join(" "),
+                    failure,
+                    status: "exit status: 3".into(),
+                    tail: "no such file".into(),
+                }),
+            }
+        }
+        fn http(&self, url: &str, timeout: Duration) -> Result<(), String> {
+            self.asked.borrow_mut().push((url.to_string(), timeout));
+            self.http.map_or(Ok(()), |why| Err(why.to_string()))
+        }
+    }
+
+    fn checks() -> Vec<HealthCheck> {
+        vec![
+            HealthCheck::Command {
+                name: "etcd".into(),
+                argv: vec!["etcdctl".into(), "endpoint".into(), "health".into()],
+            },
+            HealthCheck::Http {
+                name: "ingress".into(),
+                url: "https://127.0.0.1/healthz".into(),
+            },
+        ]
+    }
+
+    fn probes(command: Option<Failure>, http: Option<&'static str>) -> Scripted {
+        Scripted {
+            asked: RefCell::new(Vec::new()),
+            command,
+            http,
+        }
+    }
+
+    #[test]
+    fn the_inventorys_checks_run_in_order_each_within_what_is_left() {
+        let p = probes(None, None);
+        let left = || Duration::from_secs(42);
+        assert_eq!(inventory_checks(&checks(), &p, &left), Ok(()));
+        assert_eq!(
+            p.asked.into_inner(),
+            [
+                (
+                    "etcdctl endpoint health".to_string(),
+                    Duration::from_secs(42)
+                ),
+                // An HTTP check waits at most 10 s whatever is left.
+                (
+                    "https://127.0.0.1/healthz".to_string(),
+                    Duration::from_secs(10)
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_first_failing_check_is_the_answer_and_says_how_it_failed() {
+        let left = || Duration::from_secs(5);
+        for (failure, want) in [
+            (
+                Failure::TimedOut,
+                "health check etcd did not finish within the health timeout; it was stopped",
+            ),
+            (
+                Failure::NotStarted,
+                "health check etcd could not start: no such file",
+            ),
+            (Failure::Exited, "health check etcd failed (exit status: 3)"),
+        ] {
+            let p = probes(Some(failure), None);
+            assert_eq!(
+                inventory_checks(&checks(), &p, &left),
+                Err(want.to_string())
+            );
+            assert_eq!(p.asked.borrow().len(), 1, "the HTTP check is not asked");
+        }
+        let p = probes(None, Some("HTTP 503 Service Unavailable"));
+        assert_eq!(
+            inventory_checks(&checks(), &p, &left),
+            Err("health check ingress (https://127.0.0.1/healthz) failed: HTTP 503 Service Unavailable".into())
+        );
+    }
 }

@@ -465,6 +465,7 @@ impl Agent {
                     &inv.watch_namespaces,
                     &fresh,
                     deadline,
+                    &crate::effects::SYSTEM_PROBES,
                 );
                 p.obs.health = Some(health);
             }
