@@ -357,7 +357,9 @@ fn stale_ready_verification_needs_this_boots_id_and_a_heartbeat_after_the_switch
     cp.add_node("n1");
     let c = connect(&cp, "n1");
     let rollout = nk3_common::inventory::Rollout::default();
-    let ok = std::path::Path::new("/bin/true");
+    let probes = crate::effects::SystemProbes {
+        systemctl: "/bin/true".into(),
+    };
     let fresh = |boot: &str, since| Fresh {
         boot_id: boot.into(),
         since,
@@ -365,13 +367,12 @@ fn stale_ready_verification_needs_this_boots_id_and_a_heartbeat_after_the_switch
     let now = std::time::SystemTime::now();
     assert_eq!(
         c.healthy(
-            ok,
             &[],
             &rollout,
             &[],
             &fresh("boot-of-n1", now),
             SystemTime::now() + Duration::from_secs(30),
-            &crate::effects::SYSTEM_PROBES,
+            &probes,
         ),
         Err("node n1's kubelet has not renewed its heartbeat since the switch".into()),
         "Ready, but nothing reported since the switch yet"
@@ -379,26 +380,24 @@ fn stale_ready_verification_needs_this_boots_id_and_a_heartbeat_after_the_switch
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         c.healthy(
-            ok,
             &[],
             &rollout,
             &[],
             &fresh("boot-of-n1", now),
             SystemTime::now() + Duration::from_secs(30),
-            &crate::effects::SYSTEM_PROBES,
+            &probes,
         ),
         Ok(())
     );
     // A Ready condition from before a reboot: not this boot's.
     let why = c
         .healthy(
-            ok,
             &[],
             &rollout,
             &[],
             &fresh("a-new-boot", now),
             SystemTime::now() + Duration::from_secs(30),
-            &crate::effects::SYSTEM_PROBES,
+            &probes,
         )
         .unwrap_err();
     assert!(why.contains("has not reported this boot yet"), "{why}");

@@ -95,21 +95,29 @@ impl NixosSystem for Nixos {
 /// The inventory's own health checks (`rollout.health_checks`), run on this node. Both are
 /// bounded: nothing here waits longer than it is given.
 pub trait Probes {
+    /// Whether systemd's `unit` is active (`systemctl is-active`), within `timeout`.
+    fn active(&self, unit: &str, timeout: Duration) -> Result<(), CommandFailed>;
     /// Runs `argv` (no shell); it must exit 0 within `timeout`.
     fn command(&self, argv: &[String], timeout: Duration) -> Result<(), CommandFailed>;
     /// GETs `url`; it must answer 2xx within `timeout`. `Err` says why not.
     fn http(&self, url: &str, timeout: Duration) -> Result<(), String>;
 }
 
-/// The probes as they run on a node: a child process, and an HTTP client trusting the
-/// system's roots.
+/// The probes as they run on a node: `systemctl`, a child process, and an HTTP client
+/// trusting the system's roots.
 #[derive(Debug)]
-pub struct SystemProbes;
-
-/// The one there is.
-pub static SYSTEM_PROBES: SystemProbes = SystemProbes;
+pub struct SystemProbes {
+    /// The systemctl program.
+    pub systemctl: std::path::PathBuf,
+}
 
 impl Probes for SystemProbes {
+    fn active(&self, unit: &str, timeout: Duration) -> Result<(), CommandFailed> {
+        let mut cmd = std::process::Command::new(&self.systemctl);
+        cmd.args(["is-active", "--quiet", unit]);
+        crate::command::run(cmd, timeout).map(|_| ())
+    }
+
     fn command(&self, argv: &[String], timeout: Duration) -> Result<(), CommandFailed> {
         let (program, args) = argv.split_first().map_or(("", &[][..]), |(p, a)| (p, a));
         let mut cmd = std::process::Command::new(program);
@@ -141,7 +149,9 @@ mod tests {
 
     #[test]
     fn a_probe_command_fails_three_ways_and_each_is_told_apart() {
-        let p = SystemProbes;
+        let p = SystemProbes {
+            systemctl: "systemctl".into(),
+        };
         let t = Duration::from_secs(5);
         assert!(p.command(&argv(&["true"]), t).is_ok());
         let exited = p.command(&argv(&["false"]), t).unwrap_err();
@@ -164,9 +174,11 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let e = SystemProbes
-            .http(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(5))
-            .unwrap_err();
+        let e = SystemProbes {
+            systemctl: "systemctl".into(),
+        }
+        .http(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(5))
+        .unwrap_err();
         assert!(e.to_lowercase().contains("refused"), "{e}");
     }
 }

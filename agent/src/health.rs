@@ -51,7 +51,6 @@ impl Cluster {
     /// heartbeating, and the inventory's own checks. `Err` says what is not healthy yet.
     pub fn healthy(
         &self,
-        systemctl: &std::path::Path,
         ready_before: &[String],
         rollout: &nk3_common::inventory::Rollout,
         watch_namespaces: &[String],
@@ -70,9 +69,10 @@ impl Cluster {
                 .max(Duration::from_secs(5))
         };
         let checks: &[HealthCheck] = &rollout.health_checks;
-        let mut is_active = std::process::Command::new(systemctl);
-        is_active.args(["is-active", "--quiet", "k3s.service"]);
-        if crate::command::run(is_active, left().min(Duration::from_secs(30))).is_err() {
+        if probes
+            .active("k3s.service", left().min(Duration::from_secs(30)))
+            .is_err()
+        {
             return Err("k3s.service is not active".into());
         }
         if !self.kube.ready() {
@@ -192,6 +192,9 @@ mod tests {
     }
 
     impl Probes for Scripted {
+        fn active(&self, _: &str, _: Duration) -> Result<(), CommandFailed> {
+            Ok(())
+        }
         fn command(&self, argv: &[String], timeout: Duration) -> Result<(), CommandFailed> {
             self.asked.borrow_mut().push((argv.join(" "), timeout));
             match self.command {

@@ -451,7 +451,9 @@ impl Agent {
             } => {
                 let c = self.need_cluster(p)?;
                 let inv = self.phase_inventory(p)?;
-                let systemctl = self.settings().systemctl.clone();
+                let probes = crate::effects::SystemProbes {
+                    systemctl: self.settings().systemctl.clone(),
+                };
                 // The boot id is read at each look: it is this boot's the kubelet must
                 // report.
                 let fresh = crate::cluster::Fresh {
@@ -459,13 +461,12 @@ impl Agent {
                     since,
                 };
                 let health = c.healthy(
-                    &systemctl,
                     &ready_before,
                     &inv.rollout,
                     &inv.watch_namespaces,
                     &fresh,
                     deadline,
-                    &crate::effects::SYSTEM_PROBES,
+                    &probes,
                 );
                 p.obs.health = Some(health);
             }
