@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use git2::Repository;
 use nk3_common::inventory::{self, Inventory};
 
 use crate::access::{self, Denied};
@@ -127,11 +126,12 @@ impl Agent {
     /// restart.
     pub(crate) fn inventory_at(
         &self,
-        repo: &Repository,
+        git: &dyn crate::effects::GitSource,
         commit: &str,
     ) -> anyhow::Result<Inventory> {
         let path = &self.settings().inventory_path;
-        let bytes = crate::git::Source::read(repo, commit, path)?
+        let bytes = git
+            .read(commit, path)?
             .ok_or_else(|| anyhow::anyhow!("no {path} at commit {commit}"))?;
         inventory::load(path, &String::from_utf8_lossy(&bytes))
             .map_err(|d| anyhow::anyhow!("{}", d.lines().join("; ")))

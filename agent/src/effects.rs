@@ -1,7 +1,7 @@
-//! Side effects behind traits: the clock, the NixOS system and the inventory's health
-//! probes; their production adapters are here and in `system.rs`. The k3s API
-//! (`cluster.rs`, `leases.rs`) and the git source (`git/`) are not behind traits yet: the
-//! runner calls them directly.
+//! Side effects behind traits: the clock, the NixOS system, the git source and the
+//! inventory's health probes; their production adapters are here, in `system.rs` and in
+//! `git/`. The k3s API (`cluster.rs`, `leases.rs`) is not behind a trait yet: the runner
+//! calls it directly.
 
 use std::time::{Duration, SystemTime};
 
@@ -90,6 +90,27 @@ impl NixosSystem for Nixos {
     fn has_agent(&self, system: &str) -> bool {
         crate::system::has_agent_unit(system)
     }
+}
+
+/// The git source: the branch's head on the remote, and the files and history of the
+/// commits in the clone.
+pub trait GitSource {
+    /// Asks the remote for the branch's head, fetching it if the clone lacks it.
+    fn poll(&self) -> anyhow::Result<crate::git::Head>;
+    /// Why the head `new` is not taken after `old`, the commit taken before: the branch
+    /// was rewritten (unless `allow_force_push`), or the commit is not signed as required.
+    fn refusal(
+        &self,
+        old: Option<&str>,
+        new: &str,
+        allow_force_push: bool,
+    ) -> Option<crate::git::Refusal>;
+    /// A file of the commit's tree, or `None` when the commit has no such file.
+    fn read(&self, commit: &str, path: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// Whether commit `a` descends from commit `b` (`None`: the clone lacks one of them).
+    fn descends(&self, a: &str, b: &str) -> Option<bool>;
+    /// The repository's URL without credentials, for messages.
+    fn display_url(&self) -> String;
 }
 
 /// The inventory's own health checks (`rollout.health_checks`), run on this node. Both are

@@ -22,6 +22,8 @@ mod memory;
 mod metrics;
 mod progress;
 mod reconcile;
+#[cfg(test)]
+mod reconcile_tests;
 mod runner;
 mod state;
 mod system;

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::effects::GitSource;
 use anyhow::{anyhow, Context as _};
-use git2::Repository;
 use nk3_common::identity::{self, MatchedBy};
 use nk3_common::inventory::{self, Inventory, Node, Rollout};
 use nk3_common::render::{self, HostFacts, Options, Source as RenderSource, Template};
@@ -166,9 +166,13 @@ impl Agent {
         &self.source
     }
 
-    /// Who may sign commits.
-    pub fn signers(&self) -> &Signers {
-        &self.signers
+    /// Opens the clone as the pass's git source; the second value says why a broken clone
+    /// was replaced. Only the agent holding the state lock `repair`s.
+    pub fn open_source(
+        &self,
+        repair: bool,
+    ) -> anyhow::Result<(crate::git::OpenClone, Option<String>)> {
+        crate::git::OpenClone::open(&self.source, &self.signers, repair)
     }
 
     /// The NixOS side.
@@ -192,8 +196,8 @@ impl Agent {
     }
 
     /// Step 1: the commit to work on. `None` when there is none yet.
-    pub(crate) fn fetch(&mut self, repo: &Repository) -> anyhow::Result<Option<String>> {
-        let head = match self.source.poll(repo) {
+    pub(crate) fn fetch(&mut self, git: &dyn GitSource) -> anyhow::Result<Option<String>> {
+        let head = match git.poll() {
             Ok(h) => h,
             Err(e) => {
                 let msg = format!(
@@ -209,28 +213,16 @@ impl Agent {
             }
         };
         if self.state.source_problem.take().is_some() {
-            info!("{} answers again", self.source.display_url());
+            info!("{} answers again", git.display_url());
         }
         if head.fetched {
             debug!("fetched {}", head.commit);
         }
-        let refusal = match self.state.fetched.as_deref() {
-            Some(old) if !self.settings.allow_force_push => self
-                .source
-                .check_fast_forward(repo, old, &head.commit)
-                .err(),
-            _ => None,
-        }
-        .or_else(|| {
-            self.signers
-                .required()
-                .then(|| {
-                    self.source
-                        .check_signature(&self.signers, &head.commit)
-                        .err()
-                })
-                .flatten()
-        });
+        let refusal = git.refusal(
+            self.state.fetched.as_deref(),
+            &head.commit,
+            self.settings.allow_force_push,
+        );
         if let Some(r) = refusal {
             let msg = format!(
                 "{r}; keeping commit {}",
@@ -250,10 +242,10 @@ impl Agent {
 
     /// Steps 2 and 3 without side effects: identify the machine in the commit's inventory,
     /// render its file, and compare with what is on disk and what runs.
-    pub fn decide(&self, repo: &Repository, commit: &str) -> anyhow::Result<Decision> {
+    pub fn decide(&self, git: &dyn GitSource, commit: &str) -> anyhow::Result<Decision> {
         let path = &self.settings.inventory_path;
         let label = format!("{path}@{}", short(Some(commit)));
-        let Some(bytes) = Source::read(repo, commit, path)? else {
+        let Some(bytes) = git.read(commit, path)? else {
             return Ok(Decision::BadInventory {
                 problems: vec![format!(
                     "{label}: no such file in the repository (--inventory-path is {path})"
@@ -304,7 +296,7 @@ impl Agent {
                 )],
             });
         }
-        let rendered = self.render(repo, commit, &inv, node)?;
+        let rendered = self.render(git, commit, &inv, node)?;
         let target = Target {
             commit: commit.to_string(),
             node: node.key.clone(),
@@ -368,7 +360,7 @@ impl Agent {
 
     fn render(
         &self,
-        repo: &Repository,
+        git: &dyn GitSource,
         commit: &str,
         inv: &Inventory,
         node: &Node,
@@ -380,7 +372,7 @@ impl Agent {
                     .parent()
                     .unwrap_or(Path::new(""));
                 let path = base.join(rel).display().to_string();
-                let bytes = Source::read(repo, commit, &path)?.ok_or_else(|| {
+                let bytes = git.read(commit, &path)?.ok_or_else(|| {
                     anyhow!(
                         "node {}: template {path} is not in the repository at commit {}",
                         node.key,

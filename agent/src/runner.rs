@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
-use git2::Repository;
 use nk3_common::inventory::Inventory;
 use nk3_common::rollout::{
     self, next_action, Action, Built, Claim, Failed, Halt, Level, Machine, Observation, Op, Plan,
@@ -17,14 +16,15 @@ use nk3_common::rollout::{
 use tracing::{debug, error, info, warn};
 
 use crate::cluster::{Acquire, Cluster, Renewer};
-use crate::effects::Clock;
+use crate::effects::{Clock, GitSource};
+use crate::git::OpenClone;
 use crate::reconcile::{short, Agent, Decision, Target};
 use crate::state::{self, Outcome};
 
 /// One pass under way: what it has looked at, and what it holds for the pass's length.
 struct Pass {
     obs: Observation,
-    repo: Option<Repository>,
+    repo: Option<OpenClone>,
     /// The cluster, once connected (`None` inside: there is no kubeconfig).
     cluster: Option<Option<Arc<Cluster>>>,
     /// The node the plan found in the head commit's inventory.
@@ -187,9 +187,9 @@ impl Agent {
         })
     }
 
-    fn repo<'p>(&mut self, p: &'p mut Pass) -> anyhow::Result<&'p Repository> {
+    fn repo<'p>(&mut self, p: &'p mut Pass) -> anyhow::Result<&'p OpenClone> {
         if p.repo.is_none() {
-            let (repo, replaced) = self.source().open(true)?;
+            let (repo, replaced) = self.open_source(true)?;
             if let Some(why) = replaced {
                 warn!(
                     "the clone in {} was broken ({why}); cloned it again",
@@ -527,14 +527,7 @@ impl Agent {
     /// Whether commit `a` descends from commit `b`, if the clone has both (`None`: it
     /// cannot tell).
     fn descends(&mut self, p: &mut Pass, a: &str, b: &str) -> anyhow::Result<Option<bool>> {
-        let repo = self.repo(p)?;
-        let (Ok(a), Ok(b)) = (git2::Oid::from_str(a), git2::Oid::from_str(b)) else {
-            return Ok(None);
-        };
-        if repo.find_commit(a).is_err() || repo.find_commit(b).is_err() {
-            return Ok(None);
-        }
-        Ok(repo.graph_descendant_of(a, b).ok())
+        Ok(self.repo(p)?.descends(a, b))
     }
 
     /// Steps 1 to 3: the head commit and what it declares for this machine.
@@ -549,7 +542,7 @@ impl Agent {
         Ok(())
     }
 
-    fn plan_of(&mut self, repo: &Repository) -> anyhow::Result<(Plan, Option<Target>)> {
+    fn plan_of(&mut self, repo: &dyn GitSource) -> anyhow::Result<(Plan, Option<Target>)> {
         let Some(commit) = self.fetch(repo)? else {
             let msg = match &self.state.source_problem {
                 Some(p) => format!("no commit fetched yet: {p}"),

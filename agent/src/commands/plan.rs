@@ -5,8 +5,8 @@
 
 use std::process::ExitCode;
 
+use crate::effects::GitSource;
 use anyhow::anyhow;
-use git2::Repository;
 use nk3_common::rollout::{
     next_action, Action, Built, Coordination, Machine, Observation, Op, Plan, Settings,
 };
@@ -24,7 +24,7 @@ pub fn run(settings: &AgentArgs) -> anyhow::Result<ExitCode> {
     // A running agent owns the clone: plan reads it but leaves repairs to the agent. (With
     // the agent running, the remote URL the clone uses is the agent's.)
     let agent_running = state::Lock::held(&settings.state_dir);
-    let (repo, _) = agent.source().open(!agent_running)?;
+    let (repo, _) = agent.open_source(!agent_running)?;
     let row = |k: &str, v: &str| println!("{k:<10} {v}");
     row(
         "repository",
@@ -34,21 +34,13 @@ pub fn run(settings: &AgentArgs) -> anyhow::Result<ExitCode> {
             settings.branch
         ),
     );
-    let commit = match agent.source().poll(&repo) {
+    let commit = match repo.poll() {
         Ok(head) => {
-            let mut refused = None;
-            if let (Some(old), false) = (&agent.state.fetched, settings.allow_force_push) {
-                refused = agent
-                    .source()
-                    .check_fast_forward(&repo, old, &head.commit)
-                    .err();
-            }
-            if refused.is_none() && agent.signers().required() {
-                refused = agent
-                    .source()
-                    .check_signature(agent.signers(), &head.commit)
-                    .err();
-            }
+            let refused = repo.refusal(
+                agent.state.fetched.as_deref(),
+                &head.commit,
+                settings.allow_force_push,
+            );
             match refused {
                 None => {
                     row("head", &head.commit);
@@ -120,7 +112,7 @@ struct Preview {
     pub exit: std::process::ExitCode,
 }
 
-fn preview(agent: &Agent, repo: &Repository, plan: Plan, target: Option<&Target>) -> Preview {
+fn preview(agent: &Agent, repo: &dyn GitSource, plan: Plan, target: Option<&Target>) -> Preview {
     let mut st = agent.state.clone();
     let now = crate::effects::SYSTEM_CLOCK.now();
     let mut obs = Observation::pass(now, agent.settings().poll_interval, false);

@@ -75,7 +75,7 @@ impl Signers {
 }
 
 /// The local clone of the repository.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Source {
     url: String,
     branch: String,
@@ -366,6 +366,81 @@ impl Source {
             true
         });
         cb
+    }
+}
+
+/// An open clone, with who may sign: the agent's [`crate::effects::GitSource`].
+pub struct OpenClone {
+    source: Source,
+    signers: Signers,
+    repo: Repository,
+}
+
+impl std::fmt::Debug for OpenClone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenClone")
+            .field("url", &self.source.display_url())
+            .field("dir", &self.source.dir)
+            .finish()
+    }
+}
+
+impl OpenClone {
+    /// Opens `source`'s clone (see [`Source::open`]); the second value says why a broken
+    /// clone was replaced.
+    pub fn open(
+        source: &Source,
+        signers: &Signers,
+        repair: bool,
+    ) -> anyhow::Result<(OpenClone, Option<String>)> {
+        let (repo, replaced) = source.open(repair)?;
+        Ok((
+            OpenClone {
+                source: source.clone(),
+                signers: signers.clone(),
+                repo,
+            },
+            replaced,
+        ))
+    }
+}
+
+impl crate::effects::GitSource for OpenClone {
+    fn poll(&self) -> anyhow::Result<Head> {
+        self.source.poll(&self.repo)
+    }
+
+    fn refusal(&self, old: Option<&str>, new: &str, allow_force_push: bool) -> Option<Refusal> {
+        let rewritten = match old {
+            Some(old) if !allow_force_push => {
+                self.source.check_fast_forward(&self.repo, old, new).err()
+            }
+            _ => None,
+        };
+        rewritten.or_else(|| {
+            self.signers
+                .required()
+                .then(|| self.source.check_signature(&self.signers, new).err())
+                .flatten()
+        })
+    }
+
+    fn read(&self, commit: &str, path: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Source::read(&self.repo, commit, path)
+    }
+
+    fn descends(&self, a: &str, b: &str) -> Option<bool> {
+        let (Ok(a), Ok(b)) = (Oid::from_str(a), Oid::from_str(b)) else {
+            return None;
+        };
+        if self.repo.find_commit(a).is_err() || self.repo.find_commit(b).is_err() {
+            return None;
+        }
+        self.repo.graph_descendant_of(a, b).ok()
+    }
+
+    fn display_url(&self) -> String {
+        self.source.display_url()
     }
 }
 
