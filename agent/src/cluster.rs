@@ -39,6 +39,12 @@ pub const HALTED_NODE: &str = "nk3.io/halted-node";
 /// record (the halted commit is still applied by nobody, a node behind included); it only
 /// says the rollout has moved on.
 pub const HALT_LIFTED_BY: &str = "nk3.io/halt-lifted-by";
+/// Lease annotation: the commits halted before the one above, newest first, as JSON
+/// (`[{"commit": …, "node": …, "reason": …}]`, at most [`EARLIER_KEPT`]). They stay halted:
+/// a node whose git server is down may still have one as its head.
+pub const HALTED_EARLIER: &str = "nk3.io/halted-earlier";
+/// How many earlier halts the Lease keeps.
+pub const EARLIER_KEPT: usize = 16;
 /// Lease annotation set by `nk3-agent nudge` (or CI): fetch now.
 pub const DESIRED_COMMIT: &str = "nk3.io/desired-commit";
 
@@ -59,8 +65,38 @@ impl From<Halt> for nk3_common::rollout::Halt {
             commit: h.commit,
             reason: h.reason,
             node: h.node,
+            earlier: h.earlier.into_iter().map(Earlier::into).collect(),
         }
     }
+}
+
+/// A commit halted before the newest halt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Earlier {
+    /// The commit.
+    pub commit: String,
+    /// The node that halted it.
+    pub node: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl From<Earlier> for nk3_common::rollout::Halt {
+    fn from(e: Earlier) -> Self {
+        nk3_common::rollout::Halt {
+            commit: e.commit,
+            reason: e.reason,
+            node: e.node,
+            earlier: vec![],
+        }
+    }
+}
+
+/// The earlier halts an annotation holds (none when it is missing or unreadable).
+pub(crate) fn earlier_halts(a: &std::collections::BTreeMap<String, String>) -> Vec<Earlier> {
+    a.get(HALTED_EARLIER)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default()
 }
 
 /// A commit halted cluster-wide.
@@ -74,6 +110,8 @@ pub struct Halt {
     pub node: String,
     /// The newer commit that got through since, if one did.
     pub lifted_by: Option<String>,
+    /// The commits halted before it, newest first.
+    pub earlier: Vec<Earlier>,
 }
 
 /// Why it is not safe to disrupt this node now.
@@ -149,6 +187,7 @@ impl Cluster {
             reason: a.get(HALTED_REASON).cloned().unwrap_or_default(),
             node: a.get(HALTED_NODE).cloned().unwrap_or_default(),
             lifted_by: a.get(HALT_LIFTED_BY).cloned(),
+            earlier: earlier_halts(&a),
         }))
     }
 
@@ -371,6 +410,8 @@ pub struct Overview {
     pub halted: Option<(String, String, String)>,
     /// The newer commit that got through since the halt, if one did.
     pub halt_lifted_by: Option<String>,
+    /// The commits halted before, newest first.
+    pub halted_earlier: Vec<Earlier>,
 }
 
 impl Cluster {
@@ -405,12 +446,14 @@ impl Cluster {
         }
         let halt = self.halt()?;
         let halt_lifted_by = halt.as_ref().and_then(|h| h.lifted_by.clone());
+        let halted_earlier = halt.as_ref().map(|h| h.earlier.clone()).unwrap_or_default();
         let halted = halt.map(|h| (h.commit, h.node, h.reason));
         Ok(Overview {
             nodes,
             leases,
             halted,
             halt_lifted_by,
+            halted_earlier,
         })
     }
 }
@@ -466,7 +509,7 @@ mod tests {
         ));
         // Every write answered 409: the halt is not written, and the caller is told.
         api.fail_next_writes(5, 409);
-        let e = a.set_halt("abc", "unhealthy").unwrap_err();
+        let e = a.set_halt("abc", "unhealthy", true).unwrap_err();
         assert_eq!(e.code(), Some(409), "{e}");
         assert_eq!(a.halt().unwrap(), None, "nothing was written");
         api.fail_next_writes(5, 409);
@@ -477,7 +520,7 @@ mod tests {
         api.fail_next_writes(5, 409);
         assert!(a.renew(LEASE, Duration::from_secs(60)).is_err());
         // Once the API takes writes again, they happen.
-        a.set_halt("abc", "unhealthy").unwrap();
+        a.set_halt("abc", "unhealthy", true).unwrap();
         assert_eq!(a.halt().unwrap().unwrap().commit, "abc");
     }
 }

@@ -410,7 +410,7 @@ fn halts_are_shared_and_lifted() {
     let b = connect(&cp, "b");
     assert_eq!(b.halt().unwrap(), None);
     a.acquire(1, MINUTE).unwrap();
-    a.set_halt("abc", "node a never got Ready").unwrap();
+    a.set_halt("abc", "node a never got Ready", true).unwrap();
     a.release(LEASE).unwrap();
     assert_eq!(
         b.halt().unwrap(),
@@ -419,6 +419,7 @@ fn halts_are_shared_and_lifted() {
             reason: "node a never got Ready".into(),
             node: "a".into(),
             lifted_by: None,
+            earlier: vec![],
         })
     );
     // Lifted, the halt stays on record: the commit is still refused by a node behind.
@@ -429,8 +430,49 @@ fn halts_are_shared_and_lifted() {
         ("abc", Some("def"))
     );
     // A new halt starts over.
-    a.set_halt("ghi", "unhealthy").unwrap();
+    a.set_halt("ghi", "unhealthy", true).unwrap();
     assert_eq!(b.halt().unwrap().and_then(|h| h.lifted_by), None);
+}
+
+/// Only one halt was on record: a second commit's halt replaced the first's, and a node
+/// whose git server was down, with the first as its head, could then apply it.
+#[test]
+fn a_second_halt_keeps_the_first_on_record() {
+    let cp = ControlPlane::start();
+    let a = connect(&cp, "a");
+    let b = connect(&cp, "b");
+    a.set_halt("abc", "k3s never started", true).unwrap();
+    b.set_halt("def", "node b never got Ready", true).unwrap();
+    let h = a.halt().unwrap().expect("halted");
+    assert_eq!((h.commit.as_str(), h.node.as_str()), ("def", "b"));
+    let earlier = Earlier {
+        commit: "abc".into(),
+        node: "a".into(),
+        reason: "k3s never started".into(),
+    };
+    assert_eq!(h.earlier, std::slice::from_ref(&earlier));
+    // What the decision sees: both commits halted, each with its own reason.
+    let seen = nk3_common::rollout::Halt::from(h);
+    assert_eq!(
+        seen.of("abc").map(|h| h.reason.as_str()),
+        Some("k3s never started")
+    );
+    assert_eq!(seen.of("def").map(|h| h.node.as_str()), Some("b"));
+    assert_eq!(seen.of("0123"), None);
+    // An older commit halted late (a newer one is on record already) joins the earlier.
+    a.set_halt("aaa", "late", false).unwrap();
+    let h = b.halt().unwrap().unwrap();
+    assert_eq!(h.commit, "def");
+    let commits: Vec<&str> = h.earlier.iter().map(|e| e.commit.as_str()).collect();
+    assert_eq!(commits, ["aaa", "abc"]);
+    // Bounded: the oldest go.
+    for i in 0..EARLIER_KEPT + 4 {
+        a.set_halt(&format!("c{i}"), "unhealthy", true).unwrap();
+    }
+    let h = a.halt().unwrap().unwrap();
+    assert_eq!(h.earlier.len(), EARLIER_KEPT);
+    assert_eq!(h.earlier[0].commit, format!("c{}", EARLIER_KEPT + 2));
+    assert!(!h.earlier.contains(&earlier));
 }
 
 #[test]

@@ -496,16 +496,14 @@ impl Agent {
             Op::SetHalt { commit, reason } => {
                 let c = self.need_cluster(p)?;
                 // A halted commit this clone does not have is newer than what it has seen:
-                // its halt stays.
+                // its halt stays the one on record, and this one joins the earlier ones.
                 let newer_halted = match c.halt()? {
                     Some(h) if h.commit != commit => {
                         self.descends(p, &h.commit, &commit)?.unwrap_or(true)
                     }
                     _ => false,
                 };
-                if !newer_halted {
-                    c.set_halt(&commit, &reason)?;
-                }
+                c.set_halt(&commit, &reason, !newer_halted)?;
             }
             Op::LiftOlderHalt(commit) => {
                 let c = self.need_cluster(p)?;

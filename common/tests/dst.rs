@@ -832,18 +832,30 @@ impl World {
                 let steps = self.steps;
                 let newer = |w: &World, a: &str, b: &str| w.index(a) > w.index(b);
                 self.api(|w| {
-                    if w.halt
-                        .as_ref()
-                        .is_some_and(|h| newer(w, &h.commit, &commit))
-                    {
-                        return;
-                    }
                     w.halted_at.entry(commit.clone()).or_insert(steps);
-                    w.halt = Some(Halt {
+                    let this = Halt {
                         commit,
                         reason,
                         node: name.clone(),
-                    });
+                        earlier: vec![],
+                    };
+                    // As the agent keeps them: the newest halt, and those before it.
+                    match w.halt.take() {
+                        Some(mut h) if newer(w, &h.commit, &this.commit) => {
+                            if h.of(&this.commit).is_none() {
+                                h.earlier.insert(0, this);
+                            }
+                            w.halt = Some(h);
+                        }
+                        Some(mut h) if h.commit != this.commit => {
+                            let mut earlier = std::mem::take(&mut h.earlier);
+                            earlier.retain(|e| e.commit != this.commit);
+                            earlier.insert(0, h);
+                            w.halt = Some(Halt { earlier, ..this });
+                        }
+                        Some(h) => w.halt = Some(h),
+                        None => w.halt = Some(this),
+                    }
                 })
             }
             // The halt stays on record, marked lifted: nothing for the decision changes.

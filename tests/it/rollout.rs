@@ -799,6 +799,26 @@ fn status_cluster_shows_every_node_the_lease_and_a_halt() {
         serde_json::from_slice(&run(&mut node.agent(&["status", "--json", "--cluster"])).stdout)
             .unwrap();
     assert_eq!(j["cluster"]["nodes"].as_array().unwrap().len(), 3);
+    // Two commits halted in turn, as the agents write it: both are shown.
+    api.patch(
+        "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/nk3-rollout",
+        &json!({"metadata": {"annotations": {
+            "nk3.io/halted-commit": "2222222222222222222222222222222222222222",
+            "nk3.io/halted-reason": "k3s did not become ready",
+            "nk3.io/halted-node": "node-b",
+            "nk3.io/halted-earlier": r#"[{"commit":"1111111111111111111111111111111111111111","node":"node-a","reason":"etcd lost quorum"}]"#,
+        }}}),
+    )
+    .unwrap();
+    let text = stdout(&run(&mut node.agent(&["status", "--cluster"])));
+    assert!(
+        text.contains("HALTED commit 222222222222 by node-b: k3s did not become ready"),
+        "{text}"
+    );
+    assert!(
+        text.contains("halted earlier: commit 111111111111 by node-a: etcd lost quorum"),
+        "{text}"
+    );
     let none = Node::new(&repo.url(), "172.30.190.4");
     let o = run(&mut none.agent(&["status", "--cluster"]));
     assert!(!o.status.success());

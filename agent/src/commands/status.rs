@@ -191,6 +191,14 @@ fn print_cluster(o: &crate::cluster::Overview) {
             ),
         }
     }
+    for e in &o.halted_earlier {
+        println!(
+            "halted earlier: commit {} by {}: {}",
+            short(Some(&e.commit)),
+            e.node,
+            e.reason
+        );
+    }
 }
 
 fn outcome_word(o: state::Outcome) -> &'static str {

@@ -167,8 +167,8 @@ pub enum Coordination {
     Lease,
 }
 
-/// A commit halted for the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A commit halted for the cluster: the newest halt, with those before it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Halt {
     /// The commit.
     pub commit: String,
@@ -176,6 +176,19 @@ pub struct Halt {
     pub reason: String,
     /// The node that halted it.
     pub node: String,
+    /// Commits halted before this one, newest first: still applied by nobody (a node whose
+    /// git server is down may still have one as its head).
+    pub earlier: Vec<Halt>,
+}
+
+impl Halt {
+    /// The halt of `commit`, if it is halted: this one, or an earlier one.
+    pub fn of(&self, commit: &str) -> Option<&Halt> {
+        if self.commit == commit {
+            return Some(self);
+        }
+        self.earlier.iter().find(|h| h.commit == commit)
+    }
 }
 
 /// What trying to take a rollout lease found.

@@ -245,6 +245,7 @@ fn observations() -> Vec<(&'static str, Observation)> {
             commit: C.into(),
             reason: "unhealthy".into(),
             node: "node-2".into(),
+            earlier: vec![],
         }))
     });
     add("budget blocks", &|o| {
@@ -416,6 +417,7 @@ fn confirmed(
             commit: c.into(),
             reason: "unhealthy".into(),
             node: "node-2".into(),
+            earlier: vec![],
         }),
     }
 }
@@ -1060,4 +1062,53 @@ fn a_lease_confirmed_before_the_drain_is_confirmed_again_before_the_switch() {
         ),
         "{step:?}"
     );
+}
+
+/// Only one halt was on record: once a second commit was halted, a node still on the first
+/// (its git server down) found no halt of it and applied it. Earlier halts stay halted.
+#[test]
+fn a_commit_halted_before_a_newer_halt_is_still_refused() {
+    let newer = Halt {
+        commit: "d00d".into(),
+        reason: "node-3 never got Ready".into(),
+        node: "node-3".into(),
+        earlier: vec![Halt {
+            commit: C.into(),
+            reason: "k3s never started".into(),
+            node: "node-2".into(),
+            earlier: vec![],
+        }],
+    };
+    // What is held is given back and the file put back; then the commit is refused.
+    let mut o = held(|o| {
+        o.claim = None;
+        o.halt = Some(Some(newer.clone()));
+    });
+    let mut s = built();
+    let mut step = next_action(&s, &o);
+    let mut said = Vec::new();
+    for _ in 0..10 {
+        said.extend(step.logs.iter().map(|l| l.message.clone()));
+        if let Some(st) = step.state.take() {
+            s = *st;
+        }
+        match &step.action {
+            Action::Cluster(ops) => o.cluster_done = Some(ops.clone()),
+            Action::Restore { .. } => o.restored = true,
+            Action::Continue => {}
+            _ => break,
+        }
+        assert!(
+            !matches!(step.action, Action::Acquire),
+            "not even the lease"
+        );
+        step = next_action(&s, &o);
+    }
+    assert!(
+        said.iter()
+            .any(|m| m.contains("halted for the cluster by node-2: k3s never started")),
+        "{said:?} {step:?}"
+    );
+    assert!(matches!(step.action, Action::Finish { .. }), "{step:?}");
+    assert!(s.rejected.as_ref().is_some_and(|r| r.commit == C), "{s:?}");
 }

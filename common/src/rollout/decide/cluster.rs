@@ -101,7 +101,7 @@ impl Decide<'_> {
         let Some(halt) = &o.halt else {
             return Step::to(Action::LookHalt);
         };
-        if let Some(h) = halt.as_ref().filter(|h| h.commit == commit) {
+        if let Some(h) = halt.as_ref().and_then(|h| h.of(commit)) {
             return self.halted(commit, settings, &h.node, &h.reason);
         }
         // A budget that allows no eviction now: not even cordoning, and back off (doubling,
@@ -207,7 +207,7 @@ impl Decide<'_> {
         let Some(halt) = &o.halt_held else {
             return Step::to(Action::LookHaltHeld);
         };
-        if let Some(h) = halt.as_ref().filter(|h| h.commit == commit) {
+        if let Some(h) = halt.as_ref().and_then(|h| h.of(commit)) {
             return self.halted(commit, settings, &h.node, &h.reason);
         }
         // The commit is still the one to apply: while this node waited for the lease, a

@@ -309,7 +309,7 @@ impl Decide<'_> {
             .lease_confirmed
             .as_ref()
             .and_then(|c| c.halt.as_ref())
-            .filter(|h| h.commit == commit)
+            .and_then(|h| h.of(commit))
     }
 
     /// Before `what` under `hold`: the step that confirms the lease; or, if it is lost, the
