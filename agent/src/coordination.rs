@@ -8,12 +8,13 @@ use nk3_common::inventory::{self, Inventory};
 
 use crate::access::{self, Denied};
 use crate::cluster::Cluster;
+use crate::effects::RolloutApi;
 use crate::reconcile::{Agent, Target};
 
 /// How a switch of this node is coordinated (see [`Agent::coordination`]).
 pub(crate) enum Coordination {
     /// Under the rollout lease, with this cluster.
-    Lease(Arc<Cluster>),
+    Lease(Arc<dyn RolloutApi>),
     /// Directly: k3s has not joined a cluster on this machine yet.
     Bootstrap,
     /// Not yet: a member without credentials for the API; why, for the operator.
@@ -25,11 +26,14 @@ impl Coordination {
     /// kubeconfig, `refusal` says whether its credentials may run a whole rollout.
     pub(crate) fn fact(
         self,
-        refusal: impl FnOnce(&Cluster) -> anyhow::Result<Option<String>>,
-    ) -> anyhow::Result<(nk3_common::rollout::Coordination, Option<Arc<Cluster>>)> {
+        refusal: impl FnOnce(&dyn RolloutApi) -> anyhow::Result<Option<String>>,
+    ) -> anyhow::Result<(
+        nk3_common::rollout::Coordination,
+        Option<Arc<dyn RolloutApi>>,
+    )> {
         use nk3_common::rollout::Coordination as C;
         Ok(match self {
-            Coordination::Lease(cluster) => match refusal(&cluster)? {
+            Coordination::Lease(cluster) => match refusal(cluster.as_ref())? {
                 None => (C::Lease, Some(cluster)),
                 Some(why) => (C::NoCredentials(why), Some(cluster)),
             },
@@ -42,13 +46,16 @@ impl Coordination {
 impl Agent {
     /// The cluster this node belongs to, or `None` before its k3s ever ran (bootstrap: no
     /// kubeconfig yet), when it applies without the lease.
-    pub(crate) fn cluster(&self, host: &str) -> anyhow::Result<Option<Arc<Cluster>>> {
+    pub(crate) fn cluster(&self, host: &str) -> anyhow::Result<Option<Arc<dyn RolloutApi>>> {
+        if let Some(connect) = &self.effects.api {
+            return connect(host);
+        }
         let s = self.settings();
         Ok(Cluster::connect(&s.kubeconfig, host)?.map(|c| {
-            Arc::new(
-                c.with_kubectl(&s.kubectl)
-                    .with_lease(s.lease.rollout_lease()),
-            )
+            let c = c
+                .with_kubectl(&s.kubectl)
+                .with_lease(s.lease.rollout_lease());
+            Arc::new(crate::api::Api(Arc::new(c))) as Arc<dyn RolloutApi>
         }))
     }
 
@@ -77,7 +84,7 @@ impl Agent {
     pub(crate) fn refused_access(
         &mut self,
         t: &Target,
-        cluster: &Cluster,
+        cluster: &dyn RolloutApi,
     ) -> anyhow::Result<Option<String>> {
         let kubeconfig = self.settings().kubeconfig.clone();
         let stamp = std::fs::metadata(&kubeconfig)
@@ -100,7 +107,7 @@ impl Agent {
     pub(crate) fn access_refusal(
         &self,
         t: &Target,
-        cluster: &Cluster,
+        cluster: &dyn RolloutApi,
     ) -> anyhow::Result<Option<String>> {
         let kubeconfig = &self.settings().kubeconfig;
         let ceph = t.rollout.ceph.as_ref().map(|c| c.namespace.as_str());
@@ -108,7 +115,7 @@ impl Agent {
         let perms = access::permissions(&t.host, &lease, t.rollout.max_unavailable, ceph);
         let host = &t.host;
         let again = format!("on a server, run `nk3-agent credentials {host} --inventory inventory.yaml` and install the file it writes as services.nk3-agent.kubeconfig");
-        Ok(match access::check(cluster.kube(), &perms)? {
+        Ok(match cluster.denied(&perms)? {
             None => None,
             Some(Denied::Kubelet { user }) => Some(format!(
                 "no usable credentials for the k3s API: {} holds a kubelet's ({user}), which the API lets write Leases only in kube-node-lease, so {host} cannot take the rollout lease and does not switch; {again}",

@@ -1,12 +1,56 @@
-//! Side effects behind traits: the clock, the NixOS system, the git source and the
-//! inventory's health probes; their production adapters are here, in `system.rs` and in
-//! `git/`. The k3s API (`cluster.rs`, `leases.rs`) is not behind a trait yet: the runner
-//! calls it directly.
+//! Side effects behind traits: the clock, the NixOS system, the git source, the k3s API
+//! and the inventory's health probes. Their production adapters are here, in `system.rs`,
+//! `git/` and `cluster.rs` (with `leases.rs`, `drain.rs`, `health.rs`); the runner uses
+//! nothing else, and its tests give it fakes (`runner_tests.rs`).
 
 use std::time::{Duration, SystemTime};
 
 use crate::command::CommandFailed;
+use crate::kube::KubeError;
 use crate::system::Nixos;
+
+/// Opens the pass's git source.
+pub type GitFactory = Box<dyn Fn() -> anyhow::Result<Box<dyn GitSource>> + Send>;
+/// Connects to this node's cluster as `host`: `None` when there is no kubeconfig.
+pub type ApiFactory =
+    Box<dyn Fn(&str) -> anyhow::Result<Option<std::sync::Arc<dyn RolloutApi>>> + Send>;
+
+/// Everything a pass's side effects go through. [`Effects::of`] is the node's own; tests
+/// put fakes in.
+pub struct Effects {
+    /// The NixOS side.
+    pub nixos: Box<dyn NixosSystem + Send>,
+    /// The git source; `None`: the clone of `--repo`.
+    pub git: Option<GitFactory>,
+    /// The k3s API; `None`: the one the kubeconfig names.
+    pub api: Option<ApiFactory>,
+    /// The clock.
+    pub clock: Box<dyn Clock + Send>,
+    /// The health probes; `None`: this node's, with `--systemctl`.
+    pub probes: Option<Box<dyn Probes + Send>>,
+}
+
+impl std::fmt::Debug for Effects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Effects")
+            .field("git", &self.git.as_ref().map(|_| "fake"))
+            .field("api", &self.api.as_ref().map(|_| "fake"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Effects {
+    /// The node's own side effects, with `nixos`.
+    pub fn of(nixos: Nixos) -> Effects {
+        Effects {
+            nixos: Box::new(nixos),
+            git: None,
+            api: None,
+            clock: Box::new(SystemClock),
+            probes: None,
+        }
+    }
+}
 
 /// Time: read and waited for.
 pub trait Clock {
@@ -111,6 +155,71 @@ pub trait GitSource {
     fn descends(&self, a: &str, b: &str) -> Option<bool>;
     /// The repository's URL without credentials, for messages.
     fn display_url(&self) -> String;
+}
+
+/// The k3s API as a rollout uses it: the rollout Leases and the halt on them, this node's
+/// Node, the gate, the drain and the health of the cluster after a switch.
+pub trait RolloutApi: Send + Sync {
+    /// Annotates this node's Node (`nk3.io/applied-commit`, `nk3.io/phase`).
+    fn annotate(&self, commit: Option<&str>, phase: &str) -> Result<(), KubeError>;
+    /// Posts an Event about this node, best effort.
+    fn event(&self, reason: &str, message: &str, warning: bool);
+    /// The halt on record, if any.
+    fn halt(&self) -> Result<Option<crate::cluster::Halt>, KubeError>;
+    /// Halts `commit` for the cluster (see `Cluster::set_halt`).
+    fn set_halt(&self, commit: &str, reason: &str, newest: bool) -> Result<(), KubeError>;
+    /// Marks the halt lifted by the newer commit `by`.
+    fn lift_halt(&self, by: &str) -> Result<(), KubeError>;
+    /// What would stop a drain now (a budget that allows no eviction), if anything.
+    fn drain_blocker(&self) -> Result<Option<nk3_common::disruption::Blocker>, KubeError>;
+    /// Tries to take one of `max_unavailable` lease slots for `duration`.
+    fn acquire(
+        &self,
+        max_unavailable: u32,
+        duration: Duration,
+    ) -> Result<crate::cluster::Acquire, KubeError>;
+    /// Waits until lease `name` changes from `holder`, at most `timeout`.
+    fn wait_for_change(&self, name: &str, holder: &str, timeout: Duration)
+        -> Result<(), KubeError>;
+    /// The gate: `Ok(Err(why))` when disrupting this node is not safe now.
+    fn gate(
+        &self,
+        members: &[String],
+        watch_namespaces: &[String],
+        ceph: Option<&nk3_common::inventory::Ceph>,
+    ) -> Result<Result<(), String>, KubeError>;
+    /// The nodes Ready now.
+    fn ready_nodes(&self) -> Result<Vec<String>, KubeError>;
+    /// Renews the held lease now (`LeaseLost` when it is someone else's).
+    fn renew(&self, lease: &str, duration: Duration) -> Result<(), KubeError>;
+    /// Renews the held lease in the background while the returned value lives.
+    fn keep_renewed(&self, lease: &str, duration: Duration) -> crate::cluster::Renewer;
+    /// Cordons this node; whether it was unschedulable already.
+    fn cordon(&self) -> Result<bool, KubeError>;
+    /// Evicts this node's pods and waits for them to be gone, at most `timeout`.
+    fn drain(&self, timeout: Duration) -> Result<(), String>;
+    /// Undoes nk3's cordon (not an operator's: `was_unschedulable`).
+    fn uncordon(&self, was_unschedulable: bool) -> Result<(), KubeError>;
+    /// Gives the lease back, if this node holds it.
+    fn release(&self, lease: &str) -> Result<(), KubeError>;
+    /// Gives back every slot this node holds and undoes its own cordon.
+    fn let_go(&self, max_unavailable: u32) -> Result<(), KubeError>;
+    /// Whether the cluster is healthy with this node after its switch (see
+    /// `Cluster::healthy`).
+    fn healthy(
+        &self,
+        ready_before: &[String],
+        rollout: &nk3_common::inventory::Rollout,
+        watch_namespaces: &[String],
+        fresh: &crate::cluster::Fresh,
+        deadline: SystemTime,
+        probes: &dyn Probes,
+    ) -> Result<(), String>;
+    /// What these credentials may not do of `perms`, if anything.
+    fn denied(
+        &self,
+        perms: &[crate::access::Permission],
+    ) -> Result<Option<crate::access::Denied>, KubeError>;
 }
 
 /// The inventory's own health checks (`rollout.health_checks`), run on this node. Both are

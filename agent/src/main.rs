@@ -1,6 +1,7 @@
 //! nk3-agent: the binary every nk3 node runs.
 
 mod access;
+mod api;
 mod cli;
 mod clock;
 mod cluster;

@@ -30,8 +30,9 @@ pub const APPLIED_CONFIG: &str = "configuration.nix.applied";
 pub struct Agent {
     settings: AgentArgs,
     source: Source,
-    nixos: Nixos,
     signers: Signers,
+    /// What a pass's side effects go through (fakes in tests).
+    pub(crate) effects: crate::effects::Effects,
     /// Log "No action needed" on every pass (`run --once`), not only the first for a commit.
     pub report_idle: bool,
     /// The last pass ended waiting for the rollout lease itself (held by another node), not
@@ -147,8 +148,8 @@ impl Agent {
         Ok(Agent {
             settings,
             source,
-            nixos,
             signers,
+            effects: crate::effects::Effects::of(nixos),
             report_idle: false,
             waiting_for_lease: false,
             access_checked: None,
@@ -171,13 +172,22 @@ impl Agent {
     pub fn open_source(
         &self,
         repair: bool,
-    ) -> anyhow::Result<(crate::git::OpenClone, Option<String>)> {
-        crate::git::OpenClone::open(&self.source, &self.signers, repair)
+    ) -> anyhow::Result<(Box<dyn GitSource>, Option<String>)> {
+        if let Some(open) = &self.effects.git {
+            return Ok((open()?, None));
+        }
+        let (clone, replaced) = crate::git::OpenClone::open(&self.source, &self.signers, repair)?;
+        Ok((Box::new(clone), replaced))
     }
 
     /// The NixOS side.
     pub(crate) fn nixos(&self) -> &dyn crate::effects::NixosSystem {
-        &self.nixos
+        self.effects.nixos.as_ref()
+    }
+
+    /// The configuration.nix the agent writes.
+    pub(crate) fn config_file(&self) -> PathBuf {
+        self.settings.nixos_dir.join("configuration.nix")
     }
 
     pub(crate) fn save(&self) -> anyhow::Result<()> {
@@ -314,11 +324,11 @@ impl Agent {
                 (None, None) => None,
             },
         };
-        let on_disk = std::fs::read_to_string(&self.nixos.config).ok();
+        let on_disk = std::fs::read_to_string(self.config_file()).ok();
         let same_file =
             on_disk.as_deref().map(render::body) == Some(render::body(&target.rendered));
         let upgrade = self.upgrade_due(&inv);
-        let running = self.nixos.current();
+        let running = self.nixos().current();
         // What runs is what the file declares only if the last pass finished (an interrupted
         // one may have landed the file without switching) and nothing changed the system
         // since (a rollback by hand, a reboot into another generation).
@@ -418,7 +428,7 @@ impl Agent {
     /// the configuration.nix on disk (the installer's, before the first pass replaces it).
     fn machine_state_version(&self) -> Option<String> {
         self.state.state_version.clone().or_else(|| {
-            std::fs::read_to_string(&self.nixos.config)
+            std::fs::read_to_string(self.config_file())
                 .ok()
                 .and_then(|t| render::state_version_in(&t))
         })
@@ -456,7 +466,7 @@ impl Agent {
     /// passes compare the file on disk with it to notice hand edits and files landed by an
     /// interrupted pass.
     pub(crate) fn keep_applied_copy(&self) -> anyhow::Result<()> {
-        if let Ok(text) = std::fs::read(&self.nixos.config) {
+        if let Ok(text) = std::fs::read(self.config_file()) {
             state::write_atomic(&self.applied_path(), &text, 0o600)?;
         }
         Ok(())
@@ -472,7 +482,7 @@ impl Agent {
 
     /// Puts the previous configuration.nix back (or removes the new one if there was none).
     pub(crate) fn restore(&self, had_previous: bool) -> anyhow::Result<()> {
-        let config = &self.nixos.config;
+        let config = &self.config_file();
         if had_previous {
             let previous = std::fs::read(self.previous_path()).with_context(|| {
                 format!("cannot read the saved {}", self.previous_path().display())

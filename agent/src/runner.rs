@@ -15,18 +15,17 @@ use nk3_common::rollout::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::cluster::{Acquire, Cluster, Renewer};
-use crate::effects::{Clock, GitSource};
-use crate::git::OpenClone;
+use crate::cluster::{Acquire, Renewer};
+use crate::effects::{Clock, GitSource, RolloutApi};
 use crate::reconcile::{short, Agent, Decision, Target};
 use crate::state::{self, Outcome};
 
 /// One pass under way: what it has looked at, and what it holds for the pass's length.
 struct Pass {
     obs: Observation,
-    repo: Option<OpenClone>,
+    repo: Option<Box<dyn GitSource>>,
     /// The cluster, once connected (`None` inside: there is no kubeconfig).
-    cluster: Option<Option<Arc<Cluster>>>,
+    cluster: Option<Option<Arc<dyn RolloutApi>>>,
     /// The node the plan found in the head commit's inventory.
     target: Option<Target>,
     /// The inventory of the phase's commit, read for a resume.
@@ -169,7 +168,7 @@ impl Agent {
     }
 
     /// The cluster for this pass, connected the first time it is needed.
-    fn pass_cluster(&self, p: &mut Pass) -> anyhow::Result<Option<Arc<Cluster>>> {
+    fn pass_cluster(&self, p: &mut Pass) -> anyhow::Result<Option<Arc<dyn RolloutApi>>> {
         if p.cluster.is_none() {
             let host = self.state.host.clone().unwrap_or_default();
             p.cluster = Some(self.cluster(&host)?);
@@ -178,7 +177,7 @@ impl Agent {
     }
 
     /// The cluster, which this step cannot do without.
-    fn need_cluster(&self, p: &mut Pass) -> anyhow::Result<Arc<Cluster>> {
+    fn need_cluster(&self, p: &mut Pass) -> anyhow::Result<Arc<dyn RolloutApi>> {
         self.pass_cluster(p)?.ok_or_else(|| {
             anyhow!(
                 "the kubeconfig {} is gone; cannot go on with the rollout",
@@ -187,7 +186,7 @@ impl Agent {
         })
     }
 
-    fn repo<'p>(&mut self, p: &'p mut Pass) -> anyhow::Result<&'p OpenClone> {
+    fn repo<'p>(&mut self, p: &'p mut Pass) -> anyhow::Result<&'p dyn GitSource> {
         if p.repo.is_none() {
             let (repo, replaced) = self.open_source(true)?;
             if let Some(why) = replaced {
@@ -198,7 +197,7 @@ impl Agent {
             }
             p.repo = Some(repo);
         }
-        Ok(p.repo.as_ref().expect("opened"))
+        Ok(p.repo.as_deref().expect("opened"))
     }
 
     /// The inventory of the phase's commit: the plan's when it is the same commit.
@@ -268,7 +267,7 @@ impl Agent {
             Action::LookHeadHeld => {
                 self.repo(p)?;
                 let repo = p.repo.take().expect("opened");
-                let head = self.fetch(&repo);
+                let head = self.fetch(repo.as_ref());
                 p.repo = Some(repo);
                 // A git server that is down does not stop a rollout under way: the head is
                 // then the last commit taken (and a halt of it is still seen in the API).
@@ -422,7 +421,7 @@ impl Agent {
             }
             Action::Drain(timeout) => {
                 let c = self.need_cluster(p)?;
-                p.obs.drained = Some(c.drain(timeout, &|| ()));
+                p.obs.drained = Some(c.drain(timeout));
             }
             Action::Cluster(ops) => {
                 for op in ops.clone() {
@@ -451,8 +450,12 @@ impl Agent {
             } => {
                 let c = self.need_cluster(p)?;
                 let inv = self.phase_inventory(p)?;
-                let probes = crate::effects::SystemProbes {
+                let own = crate::effects::SystemProbes {
                     systemctl: self.settings().systemctl.clone(),
+                };
+                let probes: &dyn crate::effects::Probes = match &self.effects.probes {
+                    Some(p) => p.as_ref(),
+                    None => &own,
                 };
                 // The boot id is read at each look: it is this boot's the kubelet must
                 // report.
@@ -466,7 +469,7 @@ impl Agent {
                     &inv.watch_namespaces,
                     &fresh,
                     deadline,
-                    &probes,
+                    probes,
                 );
                 p.obs.health = Some(health);
             }
@@ -532,7 +535,7 @@ impl Agent {
     fn look_plan(&mut self, p: &mut Pass) -> anyhow::Result<()> {
         self.repo(p)?;
         let repo = p.repo.take().expect("opened");
-        let result = self.plan_of(&repo);
+        let result = self.plan_of(repo.as_ref());
         p.repo = Some(repo);
         let (plan, target) = result?;
         p.target = target;
@@ -623,7 +626,7 @@ impl Agent {
     }
 
     fn clock(&self) -> &dyn Clock {
-        &crate::effects::SYSTEM_CLOCK
+        self.effects.clock.as_ref()
     }
 }
 

@@ -66,7 +66,7 @@ pub fn run(settings: &AgentArgs) -> anyhow::Result<ExitCode> {
             }
         },
     };
-    let decision = agent.decide(&repo, &commit)?;
+    let decision = agent.decide(repo.as_ref(), &commit)?;
     if let Decision::UpToDate(t) | Decision::Apply { target: t, .. } = &decision {
         row(
             "node",
@@ -87,7 +87,7 @@ pub fn run(settings: &AgentArgs) -> anyhow::Result<ExitCode> {
         _ => Vec::new(),
     };
     let (plan, target) = agent.to_plan(&commit, decision);
-    let walk = preview(&agent, &repo, plan, target.as_ref());
+    let walk = preview(&agent, repo.as_ref(), plan, target.as_ref());
     for (k, v) in &walk.rows {
         row(k, v);
     }
