@@ -164,6 +164,17 @@ pub struct Renewer {
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
+impl Renewer {
+    /// One that renews nothing: for an API that keeps its leases itself (a fake).
+    #[cfg(test)]
+    pub fn none() -> Renewer {
+        Renewer {
+            stop: Arc::new(AtomicBool::new(true)),
+            handle: None,
+        }
+    }
+}
+
 impl Drop for Renewer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

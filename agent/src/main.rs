@@ -13,6 +13,8 @@ mod coordination;
 mod drain;
 mod effects;
 mod env_vars;
+#[cfg(test)]
+mod fakes;
 mod git;
 mod health;
 mod kube;
@@ -26,6 +28,8 @@ mod reconcile;
 #[cfg(test)]
 mod reconcile_tests;
 mod runner;
+#[cfg(test)]
+mod runner_tests;
 mod state;
 mod system;
 

@@ -2,15 +2,11 @@
 //! unreachable one leaves, and what the commit's inventory declares for this machine.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
-use clap::Parser as _;
+use crate::fakes::{agent, FakeGit as Fake};
+use crate::reconcile::Decision;
 
-use crate::effects::GitSource;
-use crate::git::{Head, Refusal};
-use crate::reconcile::{Agent, Decision};
-
-const INVENTORY: &str = "cluster:
+pub(crate) const INVENTORY: &str = "cluster:
   join_address: 172.30.190.3
   join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55
   default_gateway: 172.30.190.1
@@ -19,74 +15,8 @@ const INVENTORY: &str = "cluster:
     172.30.190.3: { initiator: true, interface: enp3s0f0, boot_device: /dev/nvme0n1 }
 ";
 
-/// A git source answering from memory.
-#[derive(Default)]
-struct Fake {
-    /// What each poll answers (the last answer repeats).
-    heads: RefCell<Vec<Result<&'static str, &'static str>>>,
-    /// Commits refused after any other.
-    refused: Vec<&'static str>,
-    files: HashMap<(&'static str, &'static str), String>,
-}
-
-impl GitSource for Fake {
-    fn poll(&self) -> anyhow::Result<Head> {
-        let mut heads = self.heads.borrow_mut();
-        let next = if heads.len() > 1 {
-            heads.remove(0)
-        } else {
-            heads[0]
-        };
-        next.map(|c| Head {
-            commit: c.to_string(),
-            fetched: true,
-        })
-        .map_err(|e| anyhow::anyhow!("{e}"))
-    }
-    fn refusal(&self, old: Option<&str>, new: &str, _: bool) -> Option<Refusal> {
-        self.refused.contains(&new).then(|| Refusal::Rewritten {
-            branch: "main".into(),
-            old: old.unwrap_or_default().into(),
-            new: new.into(),
-        })
-    }
-    fn read(&self, commit: &str, path: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        Ok(self
-            .files
-            .iter()
-            .find(|((c, p), _)| *c == commit && *p == path)
-            .map(|(_, text)| text.clone().into_bytes()))
-    }
-    fn descends(&self, _: &str, _: &str) -> Option<bool> {
-        None
-    }
-    fn display_url(&self) -> String {
-        "https://git.example.com/infra.git".into()
-    }
-}
-
-fn agent(dir: &std::path::Path) -> Agent {
-    let cli = crate::cli::Cli::parse_from([
-        "nk3-agent",
-        "run",
-        "--repo",
-        "https://git.example.com/infra.git",
-        "--node",
-        "172.30.190.3",
-        "--state-dir",
-        &dir.join("state").display().to_string(),
-        "--nixos-dir",
-        &dir.join("nixos").display().to_string(),
-    ]);
-    let crate::cli::Command::Run(args) = cli.command else {
-        unreachable!("parsed as run")
-    };
-    std::fs::create_dir_all(dir.join("state")).unwrap();
-    Agent::new(args.agent, Default::default()).unwrap()
-}
-
-const C1: &str = "1111111111111111111111111111111111111111";
-const C2: &str = "2222222222222222222222222222222222222222";
+pub(crate) const C1: &str = "1111111111111111111111111111111111111111";
+pub(crate) const C2: &str = "2222222222222222222222222222222222222222";
 
 #[test]
 fn a_refused_head_keeps_the_commit_taken_before_and_a_good_one_clears_the_refusal() {
