@@ -25,6 +25,7 @@ mod memory;
 mod metrics;
 mod progress;
 mod reconcile;
+mod redact;
 #[cfg(test)]
 mod reconcile_tests;
 mod runner;
@@ -32,6 +33,7 @@ mod runner;
 mod runner_tests;
 mod state;
 mod system;
+mod token;
 
 use std::process::ExitCode;
 
