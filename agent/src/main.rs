@@ -25,9 +25,9 @@ mod memory;
 mod metrics;
 mod progress;
 mod reconcile;
-mod redact;
 #[cfg(test)]
 mod reconcile_tests;
+mod redact;
 mod runner;
 #[cfg(test)]
 mod runner_tests;
