@@ -16,6 +16,7 @@ mod env_vars;
 #[cfg(test)]
 mod fakes;
 mod git;
+mod halts;
 mod health;
 mod kube;
 mod leases;
