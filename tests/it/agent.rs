@@ -633,6 +633,7 @@ fn under_journald_entries_carry_the_node_and_the_commit_as_fields_of_their_own()
     };
     assert_eq!(field("NK3_HOST"), Some(HOST3), "{entry:?}");
     assert_eq!(field("NK3_COMMIT"), Some(&repo.head()[..12]), "{entry:?}");
+    assert_eq!(field("NK3_PHASE"), Some("idle"), "{entry:?}");
     assert_eq!(
         field("PRIORITY"),
         Some("5"),

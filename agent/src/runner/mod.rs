@@ -68,6 +68,7 @@ impl Agent {
                 "rollout",
                 host = %self.state.host.as_deref().unwrap_or("this machine"),
                 commit = %short(commit),
+                phase = %self.state.phase.name(),
             );
             let _entered = span.enter();
             if let Some(outcome) = self.take(&mut p, step)? {
