@@ -266,6 +266,10 @@ pub struct State {
     /// development builds wrote it.)
     #[serde(deserialize_with = "claimed")]
     pub lease_claimed: Option<u32>,
+    /// The frozen phase this node left to build a newer commit (still holding the lease and
+    /// its cordon): a build that fails goes back to it, so the rollout stays frozen. Cleared
+    /// once the newer commit is built.
+    pub frozen_left: Option<Box<Phase>>,
 }
 
 /// `lease_claimed` as a slot count, or as the flag it once was.
@@ -330,6 +334,7 @@ impl Default for State {
             state_version: None,
             previous_mode: None,
             lease_claimed: None,
+            frozen_left: None,
         }
     }
 }

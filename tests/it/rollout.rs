@@ -502,6 +502,35 @@ fn when_even_the_rollback_is_unhealthy_the_node_keeps_the_lease() {
         reasons.contains(&"RolloutFrozen".to_string()),
         "{reasons:?}"
     );
+    // A fixing commit that Nix refuses leaves the rollout frozen, the lease held and
+    // renewed, the node cordoned; it used to go idle and let the lease run out.
+    let t = std::fs::read_to_string(root().join("common/src/render/default.nix.hbs")).unwrap();
+    repo.commit(
+        "refused.nix.hbs",
+        &format!("# nk3-test: fail-build\n{t}"),
+        "template",
+    );
+    let refused = repo.commit(
+        "inventory.yaml",
+        &dns(&inventory("  template: refused.nix.hbs\n"), "9.9.9.9"),
+        "a fix Nix refuses",
+    );
+    let o = node.run_once();
+    let log = stderr(&o);
+    assert!(
+        log.contains(&format!("commit {} rejected", &refused[..12])),
+        "{log}"
+    );
+    assert!(log.contains("the rollout stays frozen"), "{log}");
+    assert_eq!(node.state()["phase"]["name"], "frozen", "{log}");
+    assert_eq!(holder(&api), Some(HOST3.to_string()));
+    let n = api.node(HOST3).unwrap();
+    assert_eq!(n["spec"]["unschedulable"], true, "still cordoned: {n}");
+    let renewed = lease(&api)["spec"]["renewTime"].clone();
+    std::thread::sleep(Duration::from_millis(1100));
+    node.run_once();
+    assert_eq!(node.state()["phase"]["name"], "frozen");
+    assert_ne!(lease(&api)["spec"]["renewTime"], renewed, "still renewed");
 }
 
 #[test]

@@ -1112,3 +1112,93 @@ fn a_commit_halted_before_a_newer_halt_is_still_refused() {
     assert!(matches!(step.action, Action::Finish { .. }), "{step:?}");
     assert!(s.rejected.as_ref().is_some_and(|r| r.commit == C), "{s:?}");
 }
+
+/// Runs one pass from `s` with `o` as the world answers, filling in what each action
+/// finds the simple way; the state it ends in and what it said.
+fn drive(
+    mut s: State,
+    mut o: Observation,
+    build: Result<Built, Failed>,
+    until: fn(&State) -> bool,
+) -> (State, Vec<String>) {
+    let mut said = Vec::new();
+    for _ in 0..50 {
+        let step = next_action(&s, &o);
+        said.extend(step.logs.iter().map(|l| l.message.clone()));
+        if let Some(st) = step.state {
+            if st.phase.name() != s.phase.name() {
+                o.entered();
+            }
+            s = *st;
+            if until(&s) {
+                return (s, said);
+            }
+        }
+        match step.action {
+            Action::Finish { .. } => return (s, said),
+            Action::Continue => {}
+            Action::Renew(_) => o.renewed = true,
+            Action::WriteToken => o.token_written = true,
+            Action::SavePrevious => o.previous_saved = true,
+            Action::Land => o.landed = true,
+            Action::Build { .. } => o.built = Some(build.clone()),
+            Action::Restore { .. } => o.restored = true,
+            Action::Cluster(ops) => o.cluster_done = Some(ops),
+            other => panic!("not driven here: {other:?} in {}", s.phase.name()),
+        }
+    }
+    panic!("the pass did not end: {s:?}")
+}
+
+/// A frozen node that tried a newer commit Nix refused came out of the frozen phase: idle,
+/// the lease no longer renewed (the rollout went on once it ran out) and the node left
+/// cordoned by nk3. It now goes back to the frozen phase, still holding the lease.
+#[test]
+fn a_frozen_node_whose_newer_commit_fails_to_build_stays_frozen() {
+    let frozen = Phase::Frozen {
+        commit: "bad0".into(),
+        hold: hold(),
+        reason: "even the rollback is unhealthy".into(),
+    };
+    let s = state(frozen.clone());
+    let o = obs(|o| {
+        o.plan = Some(apply_plan());
+        o.machine = Some(machine("boot-1", OLD));
+    });
+    let refused = Err(Failed {
+        failure: Failure::Exited,
+        message: "error: undefined variable 'pkgs.k3ss'".into(),
+    });
+    let (after, said) = drive(s, o, refused, |_| false);
+    assert_eq!(after.phase, frozen, "{said:?}");
+    assert_eq!(after.frozen_left, None);
+    assert_eq!(after.rejected.as_ref().map(|r| r.commit.as_str()), Some(C));
+    assert!(
+        said.iter().any(|m| m.contains("the rollout stays frozen")),
+        "{said:?}"
+    );
+    // The next pass renews the lease, and the refused commit is not tried again.
+    let o = obs(|o| {
+        o.plan = Some(Plan::AlreadyRejected {
+            commit: C.into(),
+            rejected: after.rejected.clone().unwrap(),
+        });
+    });
+    let step = next_action(&after, &o);
+    assert_eq!(step.action, Action::Renew("nk3-rollout".into()));
+
+    // Built, the newer commit goes on from Built, under the lease the node holds.
+    let o = obs(|o| {
+        o.plan = Some(apply_plan());
+        o.machine = Some(machine("boot-1", OLD));
+    });
+    let built = Ok(Built {
+        system: NEW.into(),
+        has_agent: true,
+    });
+    let (st, said) = drive(state(frozen), o, built, |s| {
+        matches!(s.phase, Phase::Built { .. })
+    });
+    assert!(matches!(st.phase, Phase::Built { .. }), "{said:?} {st:?}");
+    assert_eq!(st.frozen_left, None);
+}

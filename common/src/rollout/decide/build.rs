@@ -153,10 +153,12 @@ impl Decide<'_> {
             if !self.o.restored {
                 return Step::to(Action::Restore { had_previous });
             }
-            return Step::to(Action::Continue).save(self.with(Phase::Idle)).say(
-                Level::Warn,
-                format!("a build of commit {c} was interrupted; restored the previous configuration.nix and starting over"),
-            );
+            return Step::to(Action::Continue)
+                .save(self.refrozen(self.with(Phase::Idle)))
+                .say(
+                    Level::Warn,
+                    format!("a build of commit {c} was interrupted; restored the previous configuration.nix and starting over"),
+                );
         }
         if !self.o.landed {
             return Step::to(Action::Land);
@@ -173,9 +175,10 @@ impl Decide<'_> {
                 if !self.o.restored {
                     return Step::to(Action::Restore { had_previous });
                 }
-                let msg = format!("{}; configuration.nix is back to what it was, and the next pass builds commit {c} again", f.message);
+                let msg = format!("{}; configuration.nix is back to what it was, and the next pass builds commit {c} again{}", f.message, self.still_frozen());
+                let st = self.refrozen(self.with(Phase::Idle));
                 Step::to(finish(Outcome::Failed))
-                    .save(self.ended(self.with(Phase::Idle), Outcome::Failed, Some(commit), &msg))
+                    .save(self.ended(st, Outcome::Failed, Some(commit), &msg))
                     .say(Level::Error, msg)
             }
             Some(Ok(b)) => {
@@ -183,6 +186,8 @@ impl Decide<'_> {
                     commit: commit.to_string(),
                     system: b.system.clone(),
                 });
+                // Built: the newer commit goes on under the lease the frozen node holds.
+                st.frozen_left = None;
                 if let Some(Plan::Apply {
                     upgrade: Some(channel),
                     ..
@@ -204,22 +209,40 @@ impl Decide<'_> {
         }
         let host = self.host();
         let c = short(Some(commit));
-        let st = self.rejected(commit, error);
+        let frozen = self.still_frozen();
+        let st = self.refrozen(self.rejected(commit, error));
         Step::to(finish(Outcome::Rejected))
             .save(self.ended(
                 st,
                 Outcome::Rejected,
                 Some(commit),
-                &format!("commit {c} rejected: {error}"),
+                &format!("commit {c} rejected: {error}{frozen}"),
             ))
             .say(
                 Level::Error,
-                format!("commit {c} rejected on {host}: {error}"),
+                format!("commit {c} rejected on {host}: {error}{frozen}"),
             )
             .say(
                 Level::Warn,
                 format!("Changes reverted on {host}: configuration.nix is back to what it was"),
             )
+    }
+
+    /// `st`, back in the frozen phase the build left, if it left one.
+    fn refrozen(&self, mut st: State) -> State {
+        if let Some(frozen) = st.frozen_left.take() {
+            st.phase = *frozen;
+        }
+        st
+    }
+
+    /// What a failed build of a frozen node adds to its message.
+    fn still_frozen(&self) -> &'static str {
+        if self.s.frozen_left.is_some() {
+            "; the rollout stays frozen: this node still holds the lease"
+        } else {
+            ""
+        }
     }
 
     /// The state with `commit` recorded as not to be tried again, and no phase under way.

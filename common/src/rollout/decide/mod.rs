@@ -213,8 +213,9 @@ impl Decide<'_> {
     /// becomes a claim: the next pass that does not roll out gives the lease and the cordon
     /// back.
     fn with(&self, phase: Phase) -> State {
-        // A frozen node trying a new commit keeps the lease and its cordon until that
-        // commit is through (or the lease runs out): the rollout stays stopped meanwhile.
+        // A frozen node trying a new commit keeps the lease and its cordon: a build that
+        // fails goes back to the frozen phase (`State::frozen_left`), a built one goes on
+        // under the lease the node holds.
         let claimed = match &self.s.phase {
             Phase::Frozen { .. } => None,
             p => p

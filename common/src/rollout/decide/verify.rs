@@ -160,9 +160,18 @@ impl Decide<'_> {
         let Some(plan) = &self.o.plan else {
             return Step::to(Action::LookPlan);
         };
-        match plan.commit() {
-            Some(head) if head != commit => self.planned(),
-            _ => self.end(Outcome::Frozen, Some(commit), reason),
+        match plan {
+            // A newer commit to build: the frozen phase is kept on disk first, to go back
+            // to if the build fails.
+            Plan::Apply { commit: head, .. } if head != commit && self.s.frozen_left.is_none() => {
+                let mut st = self.s.clone();
+                st.frozen_left = Some(Box::new(self.s.phase.clone()));
+                Step::to(Action::Continue).save(st)
+            }
+            _ => match plan.commit() {
+                Some(head) if head != commit => self.planned(),
+                _ => self.end(Outcome::Frozen, Some(commit), reason),
+            },
         }
     }
 }
