@@ -608,9 +608,9 @@ fn losing_the_lease_is_seen_by_the_holder_not_renewed_over() {
     let Acquire::Held(name) = me.acquire(1, Duration::from_secs(2)).unwrap() else {
         panic!("not taken");
     };
-    lease_taken();
+    lease_taken("loser");
     let renewing = me.keep_renewed(&name, Duration::from_secs(2));
-    assert_eq!(lease_lost(), None);
+    assert_eq!(lease_lost("loser"), None);
     // An admin (or a node that judged it expired) gives it to someone else.
     let path = ControlPlane::path("leases", NAMESPACE, &name);
     let mut l = cp.get(&path).unwrap();
@@ -618,14 +618,14 @@ fn losing_the_lease_is_seen_by_the_holder_not_renewed_over() {
     cp.send(reqwest::Method::PUT, &path, "application/json", &l)
         .unwrap();
     let until = Instant::now() + Duration::from_secs(10);
-    while lease_lost().is_none() {
+    while lease_lost("loser").is_none() {
         assert!(Instant::now() < until, "the loss was never seen");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(lease_lost().unwrap().contains("held by other"));
+    assert!(lease_lost("loser").unwrap().contains("held by other"));
     // A second renewer of the same hold (verification's) does not forget it.
     let again = me.keep_renewed(&name, Duration::from_secs(2));
-    assert!(lease_lost().is_some());
+    assert!(lease_lost("loser").is_some());
     drop(again);
     drop(renewing);
     assert_eq!(

@@ -256,6 +256,7 @@ impl RolloutApi for FakeApi {
             if w.holder.as_deref() == Some(self.me.as_str()) {
                 w.holder = None;
             }
+            w.cordoned = false;
             Ok(())
         })
     }

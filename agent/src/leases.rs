@@ -140,20 +140,20 @@ pub fn seed(me: &str, seen: &BTreeMap<String, crate::state::LeaseSeen>) {
     }
 }
 
-/// Why the lease the running renewer keeps was lost, if it was (for the steps after the
-/// drain, which hold no renewer of their own: see [`lease_lost`]).
-static LOST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+/// Why the lease a renewer kept was lost, by node, if it was: it stays for the rest of the
+/// hold, across passes (see [`lease_lost`]).
+static LOST: std::sync::Mutex<BTreeMap<String, String>> = std::sync::Mutex::new(BTreeMap::new());
 
-/// Why this agent's rollout lease is no longer its own, if another node holds it now.
-pub fn lease_lost() -> Option<String> {
-    LOST.lock().ok().and_then(|l| l.clone())
+/// Why node `me`'s rollout lease is no longer its own, if another node holds it now.
+pub fn lease_lost(me: &str) -> Option<String> {
+    LOST.lock().ok().and_then(|l| l.get(me).cloned())
 }
 
-/// A lease was taken afresh: what was lost before is forgotten (only then: a second
+/// Node `me` took a lease afresh: what it lost before is forgotten (only then: a second
 /// renewer of the same hold must not wipe a loss the first one saw).
-pub fn lease_taken() {
+pub fn lease_taken(me: &str) {
     if let Ok(mut l) = LOST.lock() {
-        *l = None;
+        l.remove(me);
     }
 }
 
@@ -530,7 +530,7 @@ impl Cluster {
                         }) if reason == "LeaseLost" => {
                             tracing::error!("lost the rollout lease {lease}: {message}");
                             if let Ok(mut l) = LOST.lock() {
-                                *l = Some(message);
+                                l.insert(me.me.clone(), message);
                             }
                             return;
                         }

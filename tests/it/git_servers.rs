@@ -161,6 +161,15 @@ pub struct HttpsServer {
 impl HttpsServer {
     /// Serves the repositories under `root`; `token`, when set, is required.
     pub fn serve(root: &Path, token: Option<&str>) -> HttpsServer {
+        HttpsServer::start(root, token, None)
+    }
+
+    /// Answers every request with a redirect to the same path under `base`.
+    pub fn redirecting(base: &str) -> HttpsServer {
+        HttpsServer::start(Path::new("/nonexistent"), None, Some(base.to_string()))
+    }
+
+    fn start(root: &Path, token: Option<&str>, redirect: Option<String>) -> HttpsServer {
         use rustls::pki_types::pem::PemObject as _;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -187,14 +196,25 @@ impl HttpsServer {
         );
         std::thread::spawn(move || {
             for tcp in listener.incoming().flatten() {
-                let (config, root, token, seen) =
-                    (config.clone(), root.clone(), token.clone(), seen.clone());
+                let (config, root, token, seen, redirect) = (
+                    config.clone(),
+                    root.clone(),
+                    token.clone(),
+                    seen.clone(),
+                    redirect.clone(),
+                );
                 std::thread::spawn(move || {
                     let Ok(conn) = rustls::ServerConnection::new(config) else {
                         return;
                     };
                     let mut tls = rustls::StreamOwned::new(conn, tcp);
-                    let _ = serve_one(&mut tls, &root, token.as_deref(), &seen);
+                    let _ = serve_one(
+                        &mut tls,
+                        &root,
+                        token.as_deref(),
+                        redirect.as_deref(),
+                        &seen,
+                    );
                     tls.conn.send_close_notify();
                     let _ = tls.flush();
                 });
@@ -218,11 +238,13 @@ impl HttpsServer {
     }
 }
 
-/// One request, answered by `git http-backend` as a CGI program; the connection closes.
+/// One request, answered by `git http-backend` as a CGI program (or redirected); the
+/// connection closes. The log notes requests that carried credentials.
 fn serve_one(
     tls: &mut (impl Read + Write),
     root: &Path,
     token: Option<&str>,
+    redirect: Option<&str>,
     seen: &std::sync::Mutex<Vec<String>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(&mut *tls);
@@ -252,10 +274,16 @@ fn serve_one(
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
     drop(reader);
+    let with_credentials = if header("authorization").is_some() {
+        " with credentials"
+    } else {
+        ""
+    };
     let respond = |tls: &mut dyn Write, status: &str, head: &str, body: &[u8]| {
-        seen.lock()
-            .unwrap()
-            .push(format!("{method} {target} {}", &status[..3]));
+        seen.lock().unwrap().push(format!(
+            "{method} {target} {}{with_credentials}",
+            &status[..3]
+        ));
         write!(
             tls,
             "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n{head}\r\n",
@@ -264,6 +292,14 @@ fn serve_one(
         tls.write_all(body)?;
         tls.flush()
     };
+    if let Some(base) = redirect {
+        return respond(
+            tls,
+            "302 Found",
+            &format!("Location: {base}{target}\r\n"),
+            b"",
+        );
+    }
     if let Some(token) = token {
         use base64::Engine as _;
         let ok = header("authorization")

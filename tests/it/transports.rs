@@ -121,7 +121,7 @@ fn an_https_repository_is_fetched_with_the_token_and_the_token_stays_out_of_logs
     let seen = server.log.lock().unwrap().clone();
     assert!(
         seen.iter()
-            .any(|r| r.starts_with("POST /infra.git/git-upload-pack 200")),
+            .any(|r| r == "POST /infra.git/git-upload-pack 200 with credentials"),
         "{seen:?}"
     );
     for text in [&log, &log2, &node.config()] {
@@ -153,5 +153,32 @@ fn an_https_server_the_node_does_not_trust_is_refused() {
     assert!(
         server.log.lock().unwrap().is_empty(),
         "no request got through"
+    );
+}
+
+#[test]
+fn the_token_is_not_sent_where_a_redirect_points() {
+    let repo = Repo::with_inventory(INVENTORY);
+    let elsewhere = HttpsServer::serve(repo.bare.parent().unwrap(), Some("gh-s3cret-token"));
+    let front = HttpsServer::redirecting(&format!("https://127.0.0.1:{}", elsewhere.port));
+    let (mut node, keep) = https_node(&front, &repo, Some("gh-s3cret-token"));
+    // Both servers' certificates are trusted: only the origin keeps the token home.
+    let both = keep.path().join("both.pem");
+    let pem = |f: &std::path::Path| std::fs::read_to_string(f).unwrap();
+    std::fs::write(&both, pem(&front.ca_file) + &pem(&elsewhere.ca_file)).unwrap();
+    set(&mut node, "SSL_CERT_FILE", both.display());
+    let log = refused(&node);
+    assert!(
+        log.contains(&format!(
+            "nk3 sends its credentials only to https://127.0.0.1:{}",
+            front.port
+        )),
+        "{log}"
+    );
+    let seen = elsewhere.log.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the redirect was followed: {seen:?}");
+    assert!(
+        seen.iter().all(|r| !r.ends_with("with credentials")),
+        "{seen:?}"
     );
 }

@@ -111,36 +111,54 @@ impl Conn {
     }
 
     /// The URL without its user, and the user the credential is for.
-    fn split_user(&self, url: &str) -> (reqwest::Url, String) {
-        let mut u = reqwest::Url::parse(url).unwrap_or_else(|_| {
-            reqwest::Url::parse("https://invalid.invalid/").expect("a valid URL")
-        });
+    fn split_user(url: &str) -> Result<(reqwest::Url, String), String> {
+        let mut u = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
         let user = percent_encoding::percent_decode_str(u.username())
             .decode_utf8_lossy()
             .into_owned();
         let _ = u.set_username("");
         let _ = u.set_password(None);
-        (u, if user.is_empty() { "git".into() } else { user })
+        Ok((u, if user.is_empty() { "git".into() } else { user }))
     }
 
-    /// Sends `build(url)`, once more with the credential when the server asks for one.
+    /// Sends `build(url)`, once more with the credential when the server asks for one. The
+    /// credential goes only to the configured URL's scheme, host and port: not to where a
+    /// redirect of the listing pointed.
     fn send(
         &self,
         url: &str,
         build: impl Fn(reqwest::Url) -> RequestBuilder,
     ) -> Result<Response, String> {
-        let (bare, user) = self.split_user(url);
+        let (bare, _) = Self::split_user(url)?;
+        let (home, user) = Self::split_user(&self.url)?;
+        let elsewhere = |url: &reqwest::Url| {
+            format!(
+                "the repository was redirected to {}, which asks for credentials; nk3 sends its credentials only to {}",
+                url.origin().ascii_serialization(),
+                home.origin().ascii_serialization()
+            )
+        };
+        let credential = || {
+            if bare.origin() != home.origin() {
+                return Err(elsewhere(&bare));
+            }
+            self.credential()
+        };
         let with_auth =
             |secret: &Secret| build(bare.clone()).basic_auth(&user, Some(secret.expose()));
         let authenticate = self.shared().authenticate;
         let first = if authenticate {
-            with_auth(&self.credential()?)
+            with_auth(&credential()?)
         } else {
             build(bare.clone())
         };
         let response = first.send().map_err(|e| self.failed(&e))?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
+        }
+        // Asked by where a redirect led (reqwest sends no credentials across origins).
+        if response.url().origin() != home.origin() {
+            return Err(elsewhere(response.url()));
         }
         if authenticate {
             return Err("the server refused the credentials".into());
@@ -151,7 +169,7 @@ impl Conn {
                     .into(),
             );
         }
-        let secret = self.credential()?;
+        let secret = credential()?;
         self.shared().authenticate = true;
         let again = with_auth(&secret).send().map_err(|e| self.failed(&e))?;
         if again.status() == StatusCode::UNAUTHORIZED {
@@ -216,7 +234,8 @@ impl Conn {
         let response = self.send(&url, |u| self.client.get(u))?;
         // Later requests go where the listing was redirected.
         if let Some(base) = response.url().as_str().strip_suffix(LS_SUFFIX) {
-            if base != self.split_user(&self.url).0.as_str().trim_end_matches('/') {
+            let home = Self::split_user(&self.url)?.0;
+            if base != home.as_str().trim_end_matches('/') {
                 self.shared().base = Some(base.to_string());
             }
         }

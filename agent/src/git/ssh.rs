@@ -128,13 +128,17 @@ pub fn argv(settings: &Settings, t: &Target) -> Vec<OsString> {
     ));
     opt("LogLevel=ERROR".into());
     if let Some(known) = &settings.access.known_hosts {
-        opt(format!("UserKnownHostsFile={}", known.display()));
+        // ssh reads the value as a list of files, expanding `%` and `~`: one, quoted.
+        opt(format!(
+            "UserKnownHostsFile=\"{}\"",
+            literal(&known.display().to_string())
+        ));
         opt("GlobalKnownHostsFile=/dev/null".into());
     }
     if let Some(key) = &settings.access.ssh_key_file {
         opt("IdentitiesOnly=yes".into());
         a.push("-i".into());
-        a.push(key.into());
+        a.push(literal(&key.display().to_string()).into());
     }
     if let Some(port) = t.port {
         a.push("-p".into());
@@ -148,6 +152,11 @@ pub fn argv(settings: &Settings, t: &Target) -> Vec<OsString> {
     a.push(t.host.clone().into());
     a.push(format!("git-upload-pack {}", quote(&t.path)).into());
     a
+}
+
+/// A path as ssh takes it literally: its `%` tokens escaped.
+fn literal(path: &str) -> String {
+    path.replace('%', "%%")
 }
 
 /// `s` as one word for the remote shell.
@@ -280,7 +289,11 @@ impl Process {
                 }
                 let _ = closed.send(());
             })
-            .map_err(|e| git2::Error::from_str(&format!("ssh: {e}")))?;
+            .map_err(|e| {
+                let _ = child.kill();
+                let _ = child.wait();
+                git2::Error::from_str(&format!("ssh: {e}"))
+            })?;
         Ok(Process {
             child,
             stdin,
@@ -446,8 +459,8 @@ mod tests {
     fn settings(key: bool, known: bool) -> Settings {
         Settings {
             access: super::super::Access {
-                ssh_key_file: key.then(|| "/etc/nk3/deploy key".into()),
-                known_hosts: known.then(|| "/etc/nk3/known_hosts".into()),
+                ssh_key_file: key.then(|| "/etc/nk3/deploy key%h".into()),
+                known_hosts: known.then(|| "/etc/nk3/known hosts".into()),
                 ..Default::default()
             },
             timeout: Duration::from_secs(60),
@@ -479,13 +492,15 @@ mod tests {
         ));
         let rest = [
             "-o",
-            "UserKnownHostsFile=/etc/nk3/known_hosts",
+            // One file, though its name has a space.
+            "UserKnownHostsFile=\"/etc/nk3/known hosts\"",
             "-o",
             "GlobalKnownHostsFile=/dev/null",
             "-o",
             "IdentitiesOnly=yes",
             "-i",
-            "/etc/nk3/deploy key",
+            // `%h` is the key's name, not the host's.
+            "/etc/nk3/deploy key%%h",
             "-p",
             "2222",
             "-l",

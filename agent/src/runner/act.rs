@@ -171,7 +171,7 @@ impl Agent {
                 let c = self.need_cluster(p)?;
                 let duration = self.lease_duration(p)?;
                 if fresh {
-                    crate::cluster::lease_taken();
+                    crate::cluster::lease_taken(self.state.host.as_deref().unwrap_or_default());
                 }
                 p.renewer = Some(c.keep_renewed(&lease, duration));
                 p.obs.renewing = true;

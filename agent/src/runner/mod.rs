@@ -53,7 +53,8 @@ impl Agent {
         for steps in 0u64.. {
             p.obs.now = Some(self.clock().now());
             if p.obs.renewing {
-                p.obs.lease_lost = crate::cluster::lease_lost();
+                p.obs.lease_lost =
+                    crate::cluster::lease_lost(self.state.host.as_deref().unwrap_or_default());
             }
             let step = next_action(&self.state, &p.obs);
             // Each step's lines, and those of the code it runs, carry the node and the

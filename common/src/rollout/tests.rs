@@ -1138,7 +1138,12 @@ fn drive(
             Action::Finish { .. } => return (s, said),
             Action::Continue => {}
             Action::Renew(_) => o.renewed = true,
+            Action::KeepRenewed { .. } => {
+                said.push("(renewing the lease)".into());
+                o.renewing = true
+            }
             Action::WriteToken => o.token_written = true,
+            Action::LookMachine => o.machine = Some(machine("boot-1", OLD)),
             Action::SavePrevious => o.previous_saved = true,
             Action::Land => o.landed = true,
             Action::Build { .. } => o.built = Some(build.clone()),
@@ -1177,6 +1182,10 @@ fn a_frozen_node_whose_newer_commit_fails_to_build_stays_frozen() {
         said.iter().any(|m| m.contains("the rollout stays frozen")),
         "{said:?}"
     );
+    assert!(
+        said.iter().any(|m| m == "(renewing the lease)"),
+        "renewed while building: {said:?}"
+    );
     // The next pass renews the lease, and the refused commit is not tried again.
     let o = obs(|o| {
         o.plan = Some(Plan::AlreadyRejected {
@@ -1196,9 +1205,28 @@ fn a_frozen_node_whose_newer_commit_fails_to_build_stays_frozen() {
         system: NEW.into(),
         has_agent: true,
     });
-    let (st, said) = drive(state(frozen), o, built, |s| {
+    let (st, said) = drive(state(frozen.clone()), o, built, |s| {
         matches!(s.phase, Phase::Built { .. })
     });
     assert!(matches!(st.phase, Phase::Built { .. }), "{said:?} {st:?}");
     assert_eq!(st.frozen_left, None);
+    // ... and what it holds is claimed: if the commit stops before the drain (here: its
+    // system would not run the agent), the lease and the cordon are given back.
+    assert_eq!(st.lease_claimed, Some(1));
+    let o = obs(|o| {
+        o.plan = Some(apply_plan());
+        o.machine = Some(machine("boot-1", OLD));
+    });
+    let without_agent = Ok(Built {
+        system: NEW.into(),
+        has_agent: false,
+    });
+    let (after, said) = drive(state(frozen.clone()), o, without_agent, |_| false);
+    assert_eq!(after.phase, Phase::Idle, "{said:?}");
+    assert_eq!(after.lease_claimed, Some(1), "{said:?}");
+    let o = obs(|o| o.plan = Some(apply_plan()));
+    assert_eq!(
+        next_action(&after, &o).action,
+        Action::Cluster(vec![Op::LetGo { max_unavailable: 1 }])
+    );
 }

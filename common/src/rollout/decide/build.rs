@@ -163,6 +163,16 @@ impl Decide<'_> {
         if !self.o.landed {
             return Step::to(Action::Land);
         }
+        // A frozen node building a newer commit keeps its lease renewed meanwhile: a build
+        // can outlast the lease, and the frozen phase it may go back to holds it.
+        if let Some(Phase::Frozen { hold, .. }) = self.s.frozen_left.as_deref() {
+            if self.o.built.is_none() && !self.o.renewing {
+                return Step::to(Action::KeepRenewed {
+                    lease: hold.lease.clone(),
+                    fresh: false,
+                });
+            }
+        }
         match &self.o.built {
             None => Step::to(Action::Build { upgrade }),
             // Nix refused the configuration: this commit is not tried again.
@@ -186,8 +196,11 @@ impl Decide<'_> {
                     commit: commit.to_string(),
                     system: b.system.clone(),
                 });
-                // Built: the newer commit goes on under the lease the frozen node holds.
-                st.frozen_left = None;
+                // Built: the newer commit goes on under the lease the frozen node holds, and
+                // if it stops before the drain, that lease and cordon are given back.
+                if st.frozen_left.take().is_some() {
+                    st.lease_claimed = st.lease_claimed.max(Some(self.s.lease_slots.unwrap_or(1)));
+                }
                 if let Some(Plan::Apply {
                     upgrade: Some(channel),
                     ..
