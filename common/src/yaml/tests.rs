@@ -1,4 +1,5 @@
-//! The YAML reader's bounds and its readings of YAML 1.1's surprises.
+//! Where the reader places each value, and what it refuses: duplicate keys, tags, alias
+//! bombs, YAML numbers where a string was meant.
 
 use super::*;
 
