@@ -43,6 +43,9 @@ pub const HALT_LIFTED_BY: &str = "nk3.io/halt-lifted-by";
 /// (`[{"commit": …, "node": …, "reason": …}]`, at most [`EARLIER_KEPT`]). They stay halted:
 /// a node whose git server is down may still have one as its head.
 pub const HALTED_EARLIER: &str = "nk3.io/halted-earlier";
+/// Lease annotation: an earlier-halts list nk3 could not read (a hand edit), kept as it was
+/// rather than written over.
+pub const HALTED_EARLIER_UNREADABLE: &str = "nk3.io/halted-earlier-unreadable";
 /// How many earlier halts the Lease keeps.
 pub const EARLIER_KEPT: usize = 16;
 /// Lease annotation set by `nk3-agent nudge` (or CI): fetch now.

@@ -465,6 +465,24 @@ fn a_second_halt_keeps_the_first_on_record() {
     assert_eq!(h.commit, "def");
     let commits: Vec<&str> = h.earlier.iter().map(|e| e.commit.as_str()).collect();
     assert_eq!(commits, ["aaa", "abc"]);
+    // A list someone broke by hand is kept aside, not written over.
+    let path = ControlPlane::path("leases", NAMESPACE, LEASE);
+    cp.patch(
+        &path,
+        &serde_json::json!({"metadata": {"annotations": {"nk3.io/halted-earlier": "[{oops"}}}),
+    )
+    .unwrap();
+    a.set_halt("bbb", "unhealthy", true).unwrap();
+    let annotations = cp.get(&path).unwrap()["metadata"]["annotations"].clone();
+    assert_eq!(annotations["nk3.io/halted-earlier-unreadable"], "[{oops");
+    let h = a.halt().unwrap().unwrap();
+    assert_eq!(
+        h.earlier
+            .iter()
+            .map(|e| e.commit.as_str())
+            .collect::<Vec<_>>(),
+        ["def"]
+    );
     // Bounded: the oldest go.
     for i in 0..EARLIER_KEPT + 4 {
         a.set_halt(&format!("c{i}"), "unhealthy", true).unwrap();

@@ -18,6 +18,13 @@ impl Cluster {
     pub fn set_halt(&self, commit: &str, reason: &str, newest: bool) -> Result<(), KubeError> {
         let reason: String = reason.chars().take(500).collect();
         self.edit_lease_annotations(&|a| {
+            // A list that cannot be read (a hand edit) is kept aside, not written over.
+            if let Some(raw) = a.get(HALTED_EARLIER).cloned() {
+                if serde_json::from_str::<Vec<Earlier>>(&raw).is_err() {
+                    a.insert(HALTED_EARLIER_UNREADABLE.into(), raw);
+                    a.remove(HALTED_EARLIER);
+                }
+            }
             let mut earlier = crate::cluster::earlier_halts(a);
             let this = Earlier {
                 commit: commit.into(),
