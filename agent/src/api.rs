@@ -21,8 +21,13 @@ impl RolloutApi for Api {
     fn halt(&self) -> Result<Option<Halt>, KubeError> {
         self.0.halt()
     }
-    fn set_halt(&self, commit: &str, reason: &str, newest: bool) -> Result<(), KubeError> {
-        self.0.set_halt(commit, reason, newest)
+    fn set_halt(
+        &self,
+        commit: &str,
+        reason: &str,
+        newer: &dyn Fn(&str) -> bool,
+    ) -> Result<(), KubeError> {
+        self.0.set_halt(commit, reason, newer)
     }
     fn lift_halt(&self, by: &str) -> Result<(), KubeError> {
         self.0.lift_halt(by)

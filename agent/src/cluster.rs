@@ -512,7 +512,7 @@ mod tests {
         ));
         // Every write answered 409: the halt is not written, and the caller is told.
         api.fail_next_writes(5, 409);
-        let e = a.set_halt("abc", "unhealthy", true).unwrap_err();
+        let e = a.set_halt("abc", "unhealthy", &|_| false).unwrap_err();
         assert_eq!(e.code(), Some(409), "{e}");
         assert_eq!(a.halt().unwrap(), None, "nothing was written");
         api.fail_next_writes(5, 409);
@@ -523,7 +523,7 @@ mod tests {
         api.fail_next_writes(5, 409);
         assert!(a.renew(LEASE, Duration::from_secs(60)).is_err());
         // Once the API takes writes again, they happen.
-        a.set_halt("abc", "unhealthy", true).unwrap();
+        a.set_halt("abc", "unhealthy", &|_| false).unwrap();
         assert_eq!(a.halt().unwrap().unwrap().commit, "abc");
     }
 }

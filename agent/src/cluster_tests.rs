@@ -410,7 +410,8 @@ fn halts_are_shared_and_lifted() {
     let b = connect(&cp, "b");
     assert_eq!(b.halt().unwrap(), None);
     a.acquire(1, MINUTE).unwrap();
-    a.set_halt("abc", "node a never got Ready", true).unwrap();
+    a.set_halt("abc", "node a never got Ready", &|_| false)
+        .unwrap();
     a.release(LEASE).unwrap();
     assert_eq!(
         b.halt().unwrap(),
@@ -430,7 +431,7 @@ fn halts_are_shared_and_lifted() {
         ("abc", Some("def"))
     );
     // A new halt starts over.
-    a.set_halt("ghi", "unhealthy", true).unwrap();
+    a.set_halt("ghi", "unhealthy", &|_| false).unwrap();
     assert_eq!(b.halt().unwrap().and_then(|h| h.lifted_by), None);
 }
 
@@ -441,8 +442,9 @@ fn a_second_halt_keeps_the_first_on_record() {
     let cp = ControlPlane::start();
     let a = connect(&cp, "a");
     let b = connect(&cp, "b");
-    a.set_halt("abc", "k3s never started", true).unwrap();
-    b.set_halt("def", "node b never got Ready", true).unwrap();
+    a.set_halt("abc", "k3s never started", &|_| false).unwrap();
+    b.set_halt("def", "node b never got Ready", &|_| false)
+        .unwrap();
     let h = a.halt().unwrap().expect("halted");
     assert_eq!((h.commit.as_str(), h.node.as_str()), ("def", "b"));
     let earlier = Earlier {
@@ -460,7 +462,7 @@ fn a_second_halt_keeps_the_first_on_record() {
     assert_eq!(seen.of("def").map(|h| h.node.as_str()), Some("b"));
     assert_eq!(seen.of("0123"), None);
     // An older commit halted late (a newer one is on record already) joins the earlier.
-    a.set_halt("aaa", "late", false).unwrap();
+    a.set_halt("aaa", "late", &|_| true).unwrap();
     let h = b.halt().unwrap().unwrap();
     assert_eq!(h.commit, "def");
     let commits: Vec<&str> = h.earlier.iter().map(|e| e.commit.as_str()).collect();
@@ -472,7 +474,7 @@ fn a_second_halt_keeps_the_first_on_record() {
         &serde_json::json!({"metadata": {"annotations": {"nk3.io/halted-earlier": "[{oops"}}}),
     )
     .unwrap();
-    a.set_halt("bbb", "unhealthy", true).unwrap();
+    a.set_halt("bbb", "unhealthy", &|_| false).unwrap();
     let annotations = cp.get(&path).unwrap()["metadata"]["annotations"].clone();
     assert_eq!(annotations["nk3.io/halted-earlier-unreadable"], "[{oops");
     let h = a.halt().unwrap().unwrap();
@@ -485,7 +487,8 @@ fn a_second_halt_keeps_the_first_on_record() {
     );
     // Bounded: the oldest go.
     for i in 0..EARLIER_KEPT + 4 {
-        a.set_halt(&format!("c{i}"), "unhealthy", true).unwrap();
+        a.set_halt(&format!("c{i}"), "unhealthy", &|_| false)
+            .unwrap();
     }
     let h = a.halt().unwrap().unwrap();
     assert_eq!(h.earlier.len(), EARLIER_KEPT);

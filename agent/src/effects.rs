@@ -166,8 +166,14 @@ pub trait RolloutApi: Send + Sync {
     fn event(&self, reason: &str, message: &str, warning: bool);
     /// The halt on record, if any.
     fn halt(&self) -> Result<Option<crate::cluster::Halt>, KubeError>;
-    /// Halts `commit` for the cluster (see `Cluster::set_halt`).
-    fn set_halt(&self, commit: &str, reason: &str, newest: bool) -> Result<(), KubeError>;
+    /// Halts `commit` for the cluster (see `Cluster::set_halt`); `newer(c)` says whether the
+    /// halted commit `c` on record is newer than `commit`.
+    fn set_halt(
+        &self,
+        commit: &str,
+        reason: &str,
+        newer: &dyn Fn(&str) -> bool,
+    ) -> Result<(), KubeError>;
     /// Marks the halt lifted by the newer commit `by`.
     fn lift_halt(&self, by: &str) -> Result<(), KubeError>;
     /// What would stop a drain now (a budget that allows no eviction), if anything.

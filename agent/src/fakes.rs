@@ -78,6 +78,8 @@ pub struct World {
     pub halt: Option<Halt>,
     /// The lease goes to another holder while the node drains.
     pub steal_during_drain: bool,
+    /// Another node halts this commit while the node drains.
+    pub halt_during_drain: Option<String>,
     /// Systems whose health check fails.
     pub unhealthy: Vec<String>,
 }
@@ -160,9 +162,14 @@ impl RolloutApi for FakeApi {
         with(&self.world, &format!("api event {reason}"), |_| ());
     }
     fn halt(&self) -> Result<Option<Halt>, KubeError> {
-        Ok(self.world.lock().unwrap().halt.clone())
+        with(&self.world, "api read halt", |w| Ok(w.halt.clone()))
     }
-    fn set_halt(&self, commit: &str, reason: &str, _: bool) -> Result<(), KubeError> {
+    fn set_halt(
+        &self,
+        commit: &str,
+        reason: &str,
+        _: &dyn Fn(&str) -> bool,
+    ) -> Result<(), KubeError> {
         with(&self.world, &format!("api halt {commit}"), |w| {
             w.halt = Some(Halt {
                 commit: commit.into(),
@@ -233,6 +240,15 @@ impl RolloutApi for FakeApi {
         with(&self.world, "api drain", |w| {
             if w.steal_during_drain {
                 w.holder = Some("someone-else".into());
+            }
+            if let Some(commit) = w.halt_during_drain.take() {
+                w.halt = Some(Halt {
+                    commit,
+                    reason: "k3s did not become ready".into(),
+                    node: "node-b".into(),
+                    lifted_by: None,
+                    earlier: vec![],
+                });
             }
             Ok(())
         })

@@ -13,9 +13,15 @@ use crate::leases::conflicts;
 impl Cluster {
     /// Marks `commit` halted on the first lease, for every node to see.
     ///
-    /// With `newest`, this halt is the one on record and the one it replaces joins the
-    /// earlier halts; without (a newer commit is halted already), it joins them itself.
-    pub fn set_halt(&self, commit: &str, reason: &str, newest: bool) -> Result<(), KubeError> {
+    /// Unless `newer` says the halted commit on record is newer, this halt becomes the one
+    /// on record and the one it replaces joins the earlier halts; else it joins them
+    /// itself. Judged on what the write replaces, again after a conflict.
+    pub fn set_halt(
+        &self,
+        commit: &str,
+        reason: &str,
+        newer: &dyn Fn(&str) -> bool,
+    ) -> Result<(), KubeError> {
         let reason: String = reason.chars().take(500).collect();
         self.edit_lease_annotations(&|a| {
             // A list that cannot be read (a hand edit) is kept aside, not written over.
@@ -32,6 +38,10 @@ impl Cluster {
                 reason: reason.clone(),
             };
             let current = a.get(HALTED_COMMIT).cloned();
+            let newest = match &current {
+                Some(c) if c != commit => !newer(c),
+                _ => true,
+            };
             if newest {
                 if let Some(c) = current.filter(|c| c != commit) {
                     earlier.insert(

@@ -120,3 +120,23 @@ fn an_unhealthy_generation_is_rolled_back_and_its_commit_halted() {
         Some(C1)
     );
 }
+
+#[test]
+fn a_commit_halted_by_another_node_during_the_drain_is_given_back_not_switched_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, world) = rig(dir.path());
+    world.lock().unwrap().halt_during_drain = Some(C1.into());
+    a.pass().unwrap();
+    let w = world.lock().unwrap();
+    let c = &w.calls;
+    assert_eq!(at(c, "nixos switch"), None, "{c:?}");
+    // The halt was read again after the drain, before the switch would have been.
+    let drain = at(c, "api drain").unwrap();
+    assert!(c[drain..].iter().any(|x| x == "api read halt"), "{c:?}");
+    assert_eq!((w.holder.as_deref(), w.cordoned), (None, false), "{c:?}");
+    assert_eq!(
+        a.state.rejected.as_ref().map(|r| r.commit.as_str()),
+        Some(C1)
+    );
+    assert_ne!(a.state.applied.as_deref(), Some(C1));
+}

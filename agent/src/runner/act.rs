@@ -315,15 +315,13 @@ impl Agent {
             Op::Release(lease) => self.need_cluster(p)?.release(&lease)?,
             Op::SetHalt { commit, reason } => {
                 let c = self.need_cluster(p)?;
-                // A halted commit this clone does not have is newer than what it has seen:
-                // its halt stays the one on record, and this one joins the earlier ones.
-                let newer_halted = match c.halt()? {
-                    Some(h) if h.commit != commit => {
-                        self.descends(p, &h.commit, &commit)?.unwrap_or(true)
-                    }
-                    _ => false,
-                };
-                c.set_halt(&commit, &reason, !newer_halted)?;
+                let repo = self.repo(p)?;
+                // Whether the halt on record is of a newer commit: then it stays the one on
+                // record, and this one joins the earlier ones. A halted commit this clone
+                // does not have is newer than what it has seen. Judged on what the write
+                // replaces, again after each conflict.
+                let newer = |halted: &str| repo.descends(halted, &commit).unwrap_or(true);
+                c.set_halt(&commit, &reason, &newer)?;
             }
             Op::LiftOlderHalt(commit) => {
                 let c = self.need_cluster(p)?;
