@@ -64,11 +64,14 @@ pub struct Cluster {
 
 impl From<Halt> for nk3_common::rollout::Halt {
     fn from(h: Halt) -> Self {
-        nk3_common::rollout::Halt {
+        let newest = Earlier {
             commit: h.commit,
-            reason: h.reason,
             node: h.node,
+            reason: h.reason,
+        };
+        nk3_common::rollout::Halt {
             earlier: h.earlier.into_iter().map(Earlier::into).collect(),
+            ..newest.into()
         }
     }
 }

@@ -269,7 +269,7 @@ impl Probes for SystemProbes {
         match answer {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(format!("HTTP {}", r.status())),
-            Err(e) => Err(crate::health::innermost(&e)),
+            Err(e) => Err(crate::kube::innermost(&e)),
         }
     }
 }

@@ -12,6 +12,20 @@ use crate::effects::{Clock, GitSource, NixosSystem, Probes, RolloutApi};
 use crate::git::{Head, Refusal};
 use crate::kube::KubeError;
 
+/// The inventory the fakes' node, 172.30.190.3, is in.
+pub const INVENTORY: &str = "cluster:
+  join_address: 172.30.190.3
+  join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55
+  default_gateway: 172.30.190.1
+  state_version: '24.05'
+  nodes:
+    172.30.190.3: { initiator: true, interface: enp3s0f0, boot_device: /dev/nvme0n1 }
+";
+
+/// Commits.
+pub const C1: &str = "1111111111111111111111111111111111111111";
+pub const C2: &str = "2222222222222222222222222222222222222222";
+
 /// A git source answering from memory.
 #[derive(Default)]
 pub struct FakeGit {

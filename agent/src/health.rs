@@ -132,16 +132,6 @@ impl Cluster {
     }
 }
 
-/// The innermost cause of `e` (a refused certificate, a refused connection), which says
-/// more than reqwest's own message.
-pub(crate) fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
-}
-
 /// The inventory's checks, in order, each bounded by what `left` says is left of the health
 /// timeout (an HTTP check by at most 10 s): the first that fails is the answer.
 pub fn inventory_checks(

@@ -486,6 +486,16 @@ fn status_error(what: &str, code: u16, body: &[u8]) -> KubeError {
     }
 }
 
+/// The innermost cause of `e` (a refused certificate, a refused connection), which says
+/// more than reqwest's own message.
+pub(crate) fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
 /// An error and its causes on one line (reqwest's top-level message alone says little).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

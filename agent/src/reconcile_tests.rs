@@ -3,20 +3,8 @@
 
 use std::cell::RefCell;
 
-use crate::fakes::{agent, FakeGit as Fake};
+use crate::fakes::{agent, FakeGit as Fake, C1, C2, INVENTORY};
 use crate::reconcile::Decision;
-
-pub(crate) const INVENTORY: &str = "cluster:
-  join_address: 172.30.190.3
-  join_token: 2f909ce8-cae1-439a-86b3-da87b7ee9f55
-  default_gateway: 172.30.190.1
-  state_version: '24.05'
-  nodes:
-    172.30.190.3: { initiator: true, interface: enp3s0f0, boot_device: /dev/nvme0n1 }
-";
-
-pub(crate) const C1: &str = "1111111111111111111111111111111111111111";
-pub(crate) const C2: &str = "2222222222222222222222222222222222222222";
 
 #[test]
 fn a_refused_head_keeps_the_commit_taken_before_and_a_good_one_clears_the_refusal() {

@@ -6,9 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::effects::{GitSource, RolloutApi};
-use crate::fakes::{agent, FakeApi, FakeClock, FakeGit, FakeNixos, Shared, World};
+use crate::fakes::{agent, FakeApi, FakeClock, FakeGit, FakeNixos, Shared, World, C1, INVENTORY};
 use crate::reconcile::Agent;
-use crate::reconcile_tests::{C1, INVENTORY};
 use crate::state::Outcome;
 
 /// An agent whose commit C1 brings a new resolver, over a fake machine and cluster.
@@ -69,15 +68,15 @@ fn a_pass_takes_the_lease_before_it_disrupts_and_gives_everything_back_after() {
     .map(|call| at(c, call).unwrap_or_else(|| panic!("no {call}: {c:?}")))
     .collect();
     assert!(order.windows(2).all(|p| p[0] < p[1]), "{c:?}");
-    // Confirmed just before each disruption: the cordon, the drain and the switch.
-    let renewals: Vec<usize> = (0..c.len()).filter(|&i| c[i] == "api renew").collect();
-    for step in ["api cordon", "api drain", "nixos switch"] {
+    // Confirmed just before each disruption: between the last renewal before the cordon,
+    // the drain or the switch and that step, nothing else disruptive happened.
+    let disruptive = ["api cordon", "api drain", "nixos switch"];
+    for step in disruptive {
         let i = at(c, step).unwrap();
+        let renewed = c[..i].iter().rposition(|x| x == "api renew");
+        let since = renewed.map(|r| &c[r + 1..i]);
         assert!(
-            renewals.iter().any(|&r| r < i
-                && c[r + 1..i]
-                    .iter()
-                    .all(|x| !x.starts_with("api c") && x != "api drain")),
+            since.is_some_and(|s| s.iter().all(|x| !disruptive.contains(&x.as_str()))),
             "no renewal right before {step}: {c:?}"
         );
     }

@@ -1,7 +1,7 @@
 //! `nk3-agent run`, `status` and `plan` on simulated nodes against real git repositories.
 
 use crate::fixtures::{Daemon, Node, Repo};
-use crate::support::{nk3, root, run, stderr, stdout};
+use crate::support::{nk3, run, stderr, stdout};
 
 /// The seed's inventory with `reboot: when-needed`, so that a change switches in place.
 fn inventory(extra_node_key: &str) -> String {
@@ -340,10 +340,9 @@ fn a_build_that_hangs_is_stopped_undone_and_tried_again_not_rejected() {
     let repo = Repo::with_inventory(&inventory(""));
     let mut node = converged(&repo);
     let before = std::fs::read(node.config_path()).unwrap();
-    let t = std::fs::read_to_string(root().join("common/src/render/default.nix.hbs")).unwrap();
     repo.commit(
         "slow.nix.hbs",
-        &format!("# nk3-test: slow-build\n{t}"),
+        &crate::support::marked_template("slow-build"),
         "template",
     );
     let slow = repo.commit(

@@ -3,15 +3,13 @@
 //! not switch.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nk3_controlplane::ControlPlane;
 use serde_json::{json, Value};
 
 use crate::fixtures::{Node, Repo};
-use crate::rollout::{api, dns, holder, inventory, lease, member, now_micro, HOST3};
-
-const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/nk3-rollout";
+use crate::rollout::{api, dns, holder, inventory, lease, member, now_micro, set_lease, HOST3};
 
 /// The drain this node will go through: one pod that takes `grace` seconds to stop, and a
 /// drain timeout long enough for it.
@@ -46,11 +44,11 @@ fn until_draining(node: &Node, api: &ControlPlane) -> std::process::Child {
     child
 }
 
+/// What the pass said, once it ended (within 90 s: else the test fails, the agent killed).
 fn finish(child: std::process::Child) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let out = child.wait_with_output().unwrap();
-    assert!(Instant::now() < deadline);
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    crate::fixtures::stderr_within(child, Duration::from_secs(90))
+        .expect("the pass did not end within 90 s")
+        .1
 }
 
 fn uncordoned(api: &ControlPlane) -> bool {
@@ -79,8 +77,7 @@ fn a_lease_taken_away_during_the_drain_stops_the_switch_and_the_node_uncordons()
     l["spec"]["renewTime"] = json!(now_micro());
     l["spec"]["acquireTime"] = json!(now_micro());
     l["spec"]["leaseDurationSeconds"] = json!(600);
-    api.send(reqwest::Method::PUT, LEASE, "application/json", &l)
-        .unwrap();
+    set_lease(&api, l);
     let log = finish(child);
     assert!(!switched(&node), "switched without the lease:\n{log}");
     assert!(log.contains("lost the rollout lease"), "{log}");
@@ -96,8 +93,7 @@ fn a_lease_taken_away_during_the_drain_stops_the_switch_and_the_node_uncordons()
     // Given back, the lease is taken again and the commit goes through.
     let mut l: Value = lease(&api);
     l["spec"]["holderIdentity"] = Value::Null;
-    api.send(reqwest::Method::PUT, LEASE, "application/json", &l)
-        .unwrap();
+    set_lease(&api, l);
     let log = node.pass_ok();
     assert_eq!(node.state()["applied"], head.as_str(), "{log}");
     assert!(switched(&node));
@@ -113,7 +109,7 @@ fn a_commit_halted_by_another_node_during_the_drain_is_not_switched_to() {
     let child = until_draining(&node, &api);
     // Another node found the commit unhealthy and halted it, as its agent writes it.
     api.patch(
-        LEASE,
+        &ControlPlane::path("leases", "kube-system", "nk3-rollout"),
         &json!({"metadata": {"annotations": {
             "nk3.io/halted-commit": head,
             "nk3.io/halted-reason": "k3s did not become ready",

@@ -357,3 +357,30 @@ impl Drop for Running {
         let _ = self.0.wait();
     }
 }
+
+/// Waits at most `limit` for `child` (its stderr piped), killed if it runs longer: how it
+/// ended and what it printed on stderr, or `None` when it had to be killed.
+pub fn stderr_within(
+    mut child: Child,
+    limit: Duration,
+) -> Option<(std::process::ExitStatus, String)> {
+    let mut err = child.stderr.take().expect("stderr piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Some((status, reader.join().unwrap()))
+}

@@ -8,7 +8,7 @@
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Address space a run may take: far above what any case needs when it is handled, far below
 /// what an unbounded expansion would take.
@@ -255,26 +255,9 @@ fn attack(a: &Attack, dir: &Path) -> Option<String> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > TIME {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Some(format!("still running after {TIME:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some((status, stderr)) = crate::fixtures::stderr_within(c.spawn().unwrap(), TIME) else {
+        return Some(format!("still running after {TIME:?}"));
     };
-    let stderr = reader.join().unwrap();
     let tail: String = stderr.chars().take(600).collect();
     if let Some(sig) = status.signal() {
         return Some(format!("killed by signal {sig}: {tail}"));

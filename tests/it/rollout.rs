@@ -9,7 +9,7 @@ use nk3_controlplane::{ControlPlane, Write};
 use serde_json::{json, Value};
 
 use crate::fixtures::{Node, Repo, Running};
-use crate::support::{root, run, stderr, stdout};
+use crate::support::{marked_template, root, run, stderr, stdout};
 
 pub(crate) const HOST3: &str = "d6c27852-4d1c-5830-8e94-40b76fa2b5ec";
 pub(crate) const HOST4: &str = "a9bcde5e-240d-54ad-8590-d8e18b7ee42f";
@@ -328,11 +328,6 @@ fn a_notready_node_keeps_the_others_from_disrupting_themselves() {
 }
 
 /// The built-in template with a marker that makes the stand-in's k3s never start.
-fn broken_template() -> String {
-    let t = std::fs::read_to_string(root().join("common/src/render/default.nix.hbs")).unwrap();
-    format!("# nk3-test: k3s-broken\n{t}")
-}
-
 #[test]
 fn an_unhealthy_generation_rolls_back_and_halts_the_commit_for_everyone() {
     let api = api();
@@ -341,7 +336,7 @@ fn an_unhealthy_generation_rolls_back_and_halts_the_commit_for_everyone() {
     let n4 = member(&repo, &api, "172.30.190.4", HOST4);
     let before3 = std::fs::read(n3.config_path()).unwrap();
     let system3 = n3.current_system();
-    repo.commit("broken.nix.hbs", &broken_template(), "template");
+    repo.commit("broken.nix.hbs", &marked_template("k3s-broken"), "template");
     let bad = repo.commit(
         "inventory.yaml",
         &inventory("  template: broken.nix.hbs\n"),
@@ -416,7 +411,7 @@ fn a_kill_right_after_switch_rollback_does_not_forget_the_rollback() {
     let mut n3 = member(&repo, &api, "172.30.190.3", HOST3);
     let n4 = member(&repo, &api, "172.30.190.4", HOST4);
     let system3 = n3.current_system();
-    repo.commit("broken.nix.hbs", &broken_template(), "template");
+    repo.commit("broken.nix.hbs", &marked_template("k3s-broken"), "template");
     let bad = repo.commit(
         "inventory.yaml",
         &inventory("  template: broken.nix.hbs\n"),
@@ -504,10 +499,9 @@ fn when_even_the_rollback_is_unhealthy_the_node_keeps_the_lease() {
     );
     // A fixing commit that Nix refuses leaves the rollout frozen, the lease held and
     // renewed, the node cordoned; it used to go idle and let the lease run out.
-    let t = std::fs::read_to_string(root().join("common/src/render/default.nix.hbs")).unwrap();
     repo.commit(
         "refused.nix.hbs",
-        &format!("# nk3-test: fail-build\n{t}"),
+        &marked_template("fail-build"),
         "template",
     );
     let refused = repo.commit(
@@ -830,7 +824,7 @@ fn status_cluster_shows_every_node_the_lease_and_a_halt() {
     assert_eq!(j["cluster"]["nodes"].as_array().unwrap().len(), 3);
     // Two commits halted in turn, as the agents write it: both are shown.
     api.patch(
-        "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/nk3-rollout",
+        &ControlPlane::path("leases", "kube-system", "nk3-rollout"),
         &json!({"metadata": {"annotations": {
             "nk3.io/halted-commit": "2222222222222222222222222222222222222222",
             "nk3.io/halted-reason": "k3s did not become ready",

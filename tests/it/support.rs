@@ -153,3 +153,10 @@ pub fn config_expr(path: &Path) -> String {
         path.display()
     )
 }
+
+/// The built-in template with a `# nk3-test: <marker>` line the stand-in `nixos-rebuild`
+/// acts on (`fail-build`, `k3s-broken`, `slow-build`: see `tests/bin/nixos-rebuild`).
+pub fn marked_template(marker: &str) -> String {
+    let t = std::fs::read_to_string(root().join("common/src/render/default.nix.hbs")).unwrap();
+    format!("# nk3-test: {marker}\n{t}")
+}

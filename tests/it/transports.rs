@@ -182,3 +182,16 @@ fn the_token_is_not_sent_where_a_redirect_points() {
         "{seen:?}"
     );
 }
+
+#[test]
+fn the_ssh_program_is_a_setting_and_one_that_cannot_run_is_named() {
+    let server = SshServer::start();
+    let repo = Repo::with_inventory(INVENTORY);
+    let mut node = ssh_node(&server, &repo);
+    set(&mut node, "NK3_SSH", "/nonexistent/ssh");
+    let log = refused(&node);
+    assert!(
+        log.contains("cannot run /nonexistent/ssh to reach 127.0.0.1"),
+        "{log}"
+    );
+}

@@ -193,7 +193,7 @@ impl Conn {
 
     fn failed(&self, e: &reqwest::Error) -> String {
         // The innermost cause: reqwest's own message repeats the URL, which the caller names.
-        let why = crate::health::innermost(e);
+        let why = crate::kube::innermost(e);
         let what = if e.is_timeout() {
             "no answer in time".to_string()
         } else if e.is_connect() {

@@ -164,18 +164,15 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The SSH subtransport: one `ssh` process for the listing and the fetch that follows it.
+/// The SSH subtransport. Not stateless: git2 asks for a stream for the listing only, and
+/// the fetch that follows goes on over it (one `ssh` process for both).
 pub struct Ssh {
     settings: Settings,
-    current: Mutex<Option<Arc<Mutex<Process>>>>,
 }
 
 impl Ssh {
     pub fn new(settings: Settings) -> Ssh {
-        Ssh {
-            settings,
-            current: Mutex::new(None),
-        }
+        Ssh { settings }
     }
 }
 
@@ -185,20 +182,14 @@ impl SmartSubtransport for Ssh {
         url: &str,
         action: Service,
     ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         match action {
             Service::UploadPackLs => {
                 let target = parse(url).map_err(|e| git2::Error::from_str(&e))?;
-                let process = Process::start(&self.settings, &target)?;
-                let shared = Arc::new(Mutex::new(process));
-                *current = Some(shared.clone());
-                Ok(Box::new(Stream(shared)))
+                Ok(Box::new(Process::start(&self.settings, &target)?))
             }
-            // The fetch goes on over the connection the listing opened.
-            Service::UploadPack => match &*current {
-                Some(shared) => Ok(Box::new(Stream(shared.clone()))),
-                None => Err(git2::Error::from_str("ssh: fetch without a listing")),
-            },
+            Service::UploadPack => Err(git2::Error::from_str(
+                "ssh: a fetch without the listing's connection",
+            )),
             Service::ReceivePackLs | Service::ReceivePack => {
                 Err(git2::Error::from_str("nk3 only fetches; it never pushes"))
             }
@@ -206,28 +197,7 @@ impl SmartSubtransport for Ssh {
     }
 
     fn close(&self) -> Result<(), git2::Error> {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
         Ok(())
-    }
-}
-
-struct Stream(Arc<Mutex<Process>>);
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).read(buf)
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
     }
 }
 
